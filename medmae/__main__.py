@@ -1,0 +1,5 @@
+import sys
+
+from medmae.cli import main
+
+sys.exit(main())

@@ -15,7 +15,6 @@ from medmae.io.volume import VolumeError
 
 # Stage modules, in the order ``medmae --help`` lists them.
 COMMAND_MODULES = (
-    "medmae.cli.demo",
     "medmae.cli.manifest",
     "medmae.cli.pretrain",
     "medmae.cli.export",
@@ -62,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.extra = rest
     try:
         return int(args.func(args) or 0)
-    except (VolumeError, ValueError, FileNotFoundError, PermissionError) as error:
+    except (VolumeError, ValueError, FileNotFoundError, PermissionError, OSError) as error:
         from medmae.errors import report_error
 
         return report_error(error)

@@ -169,7 +169,7 @@ def preprocessing_transforms(
         crop_foreground: crop to the bounding box of the foreground.
     """
     keys = ["image"] + ([label_key] if label_key else [])
-    steps: list[Transform] = [LoadVolumed(keys), Orientationd(keys, axcodes="RAS")]
+    steps: list[Transform] = [LoadVolumed(keys), Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if spacing is not None:
         modes = ["bilinear"] + (["nearest"] if label_key else [])
         steps.append(Spacingd(keys, pixdim=tuple(spacing), mode=modes))

@@ -1,0 +1,66 @@
+"""AdamW parameter groups and the warm-up + cosine learning-rate schedule shared by every task."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+def is_no_decay(name: str, parameter: nn.Parameter) -> bool:
+    """Norm weights, biases, embeddings and tokens are not weight-decayed."""
+    lowered = name.lower()
+    return parameter.ndim <= 1 or "token" in lowered or "pos_embed" in lowered or "position_embeddings" in lowered
+
+
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """AdamW groups: decayed vs not decayed, optionally split further by a per-name learning-rate scale.
+
+    Args:
+        named: ``module.named_parameters()``; frozen parameters are skipped.
+        weight_decay: decay of the decayed group.
+        lr_scale: multiplier of the base learning rate for a parameter name (layer-wise decay).
+
+    Returns:
+        Groups with ``params``, ``weight_decay`` and ``lr_scale`` keys.
+    """
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, parameter in named:
+        if not parameter.requires_grad:
+            continue
+        no_decay = is_no_decay(name, parameter)
+        scale = lr_scale(name) if lr_scale else 1.0
+        key = (no_decay, scale)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        groups[key]["params"].append(parameter)
+    return list(groups.values())
+
+
+def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with each group's ``lr = lr * lr_scale``; the fused kernel where the parameters' device has one."""
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    device = groups[0]["params"][0].device if groups and groups[0]["params"] else torch.device("cpu")
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear from ~0 to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+    warmup_steps = max(0, int(warmup_steps))
+    total_steps = max(total_steps, warmup_steps + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -15,3 +15,16 @@ def report_error(error: BaseException) -> int:
         raise error
     print(f"medmae: error: {error}", file=sys.stderr)
     return 2
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (MONAI wraps transform errors in ``RuntimeError``)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of the innermost exception's message (its type name when it has none)."""
+    text = str(root_cause(error)).strip()
+    return text.splitlines()[0] if text else type(root_cause(error)).__name__

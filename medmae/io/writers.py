@@ -46,8 +46,10 @@ def _write_nifti(volume: Volume, array: np.ndarray, tmp: Path) -> None:
     if header is not None:
         image.header.set_data_dtype(array.dtype)
         # keep the input's qform/sform codes, which nibabel resets when given an affine
-        image.set_qform(volume.affine, code=int(header["qform_code"]) or 1)
-        image.set_sform(volume.affine, code=int(header["sform_code"]) or 1)
+        qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+        if qform_code or sform_code:
+            image.set_qform(volume.affine if qform_code else None, code=qform_code)
+            image.set_sform(volume.affine if sform_code else None, code=sform_code)
         image.header.set_slope_inter(1.0, 0.0)
     nib.save(image, str(tmp))
 

@@ -16,7 +16,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DEMO_DATASET = "hippocampus"
 PATCH = 8  # 32^3 crops of ~35x50x35 scans: 64 patches, 16 visible
@@ -73,11 +73,21 @@ def pretrain_step(result: DemoResult, max_steps: int, max_minutes: float, seed: 
     L.seed_everything(seed, verbose=False)
     run_dir = result.output_dir / "pretrain"
     task = MAEPretrainTask(
-        preset="tiny", patch_size=PATCH, norm_pix_loss=False, lr=1e-3, warmup_steps=20, seed=seed,
+        preset="tiny",
+        patch_size=PATCH,
+        norm_pix_loss=False,
+        lr=1e-3,
+        warmup_steps=20,
+        seed=seed,
         figure_every_n_steps=max(1, max_steps // 4),
     )
     data = PretrainDataModule(
-        str(result.manifest), roi_size=[32, 32, 32], spacing=None, batch_size=4, val_fraction=0.15, seed=seed,
+        str(result.manifest),
+        roi_size=[32, 32, 32],
+        spacing=None,
+        batch_size=4,
+        val_fraction=0.15,
+        seed=seed,
         samples_per_epoch=64,
     )
     trainer = L.Trainer(

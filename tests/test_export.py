@@ -10,7 +10,13 @@ import torch
 from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file
 
-from medmae.models.checkpoint import CheckpointError, encoder_to_monai, export_monai_vit, load_encoder, load_pretrained_mae
+from medmae.models.checkpoint import (
+    CheckpointError,
+    encoder_to_monai,
+    export_monai_vit,
+    load_encoder,
+    load_pretrained_mae,
+)
 from medmae.models.presets import build_mae, mae_config
 from medmae.tasks.pretrain import MAEPretrainTask
 
@@ -30,7 +36,9 @@ def test_export_loads_into_unetr_vit_strict(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["encoder.pt", "encoder.safetensors", "encoder.json"]
 
     state = torch.load(paths[0], weights_only=True)
-    unetr = UNETR(in_channels=1, out_channels=3, img_size=(32, 48, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
+    unetr = UNETR(
+        in_channels=1, out_channels=3, img_size=(32, 48, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4
+    )
     unetr.vit.load_state_dict(state, strict=True)  # final LayerNorm included
     torch.testing.assert_close(unetr.vit.norm.weight, task.model.encoder.norm.weight)
 
@@ -49,7 +57,9 @@ def test_export_loads_into_unetr_vit_strict(tmp_path: Path) -> None:
 def test_anisotropic_multichannel_export_matches_conv_embedding() -> None:
     model = build_mae(mae_config("tiny", in_channels=2, patch_size=(8, 8, 4))).eval()
     state = encoder_to_monai(model.encoder, (16, 16, 8))
-    vit = ViT(2, (16, 16, 8), (8, 8, 4), hidden_size=96, mlp_dim=384, num_layers=4, num_heads=4, pos_embed_type="sincos").eval()
+    vit = ViT(
+        2, (16, 16, 8), (8, 8, 4), hidden_size=96, mlp_dim=384, num_layers=4, num_heads=4, pos_embed_type="sincos"
+    ).eval()
     vit.load_state_dict(state, strict=True)
     volume = torch.randn(1, 2, 16, 16, 8)
     torch.testing.assert_close(vit(volume)[0], model.encoder(volume), atol=1e-5, rtol=1e-5)

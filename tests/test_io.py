@@ -8,8 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import DATA, HIPPO
+
 from medmae.data.manifest import ManifestError, read_manifest
 from medmae.io import VolumeError, read_volume, write_volume
 

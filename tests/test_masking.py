@@ -69,3 +69,13 @@ def test_bad_arguments() -> None:
         MaskingConfig(kind="checkerboard")
     with pytest.raises(ValueError, match="axis"):
         slab_mask(1, GRID, 0.5, axis=3)
+
+
+@pytest.mark.parametrize("kind", ["random", "block", "slab"])
+def test_masked_count_matches_sample(kind: str) -> None:
+    for grid in [(4, 6, 5), (2, 2, 3), (6, 6, 6)]:
+        config = MaskingConfig(kind=kind, ratio=0.6)
+        mask = config.sample(3, grid, gen())
+        assert mask.sum(1).tolist() == [config.masked_count(grid)] * 3
+        visible, _masked = split_indices(mask, config.masked_count(grid))
+        assert torch.equal(torch.stack(split_indices(mask)[0:1]), torch.stack([visible]))

@@ -9,7 +9,7 @@ from medmae.models.patching import grid_shape, patch_mask_to_voxels, patchify, u
 
 
 def patchify_loop(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    b, c, d, h, w = volume.shape
+    b, _c, d, h, w = volume.shape
     pd, ph, pw = patch
     rows = []
     for n in range(b):

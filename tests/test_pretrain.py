@@ -84,13 +84,20 @@ def test_cli_pretrain_with_overrides_and_export(hippo_manifest: Path, tmp_path: 
     code = main(
         [
             "pretrain",
-            "--config", str(ROOT / "configs/pretrain/tiny.yaml"),
-            "--data.manifest", str(hippo_manifest),
-            "--trainer.max_steps", "3",
-            "--trainer.val_check_interval", "3",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--config",
+            str(ROOT / "configs/pretrain/tiny.yaml"),
+            "--data.manifest",
+            str(hippo_manifest),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
         ]
     )
     assert code == 0
@@ -124,10 +131,23 @@ def test_wandb_offline_needs_no_network(hippo_manifest: Path, tmp_path: Path, mo
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     code = main(
         [
-            "pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--wandb", "offline",
-            "--data.manifest", str(hippo_manifest), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "pretrain",
+            "--config",
+            str(ROOT / "configs/pretrain/tiny.yaml"),
+            "--wandb",
+            "offline",
+            "--data.manifest",
+            str(hippo_manifest),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
         ]
     )
     assert code == 0

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by medmae pretrain")
     parser.add_argument("--format", choices=("monai-vit",), default="monai-vit", help="export format")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output .pt file (.safetensors and .json beside it)")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="output .pt file (.safetensors and .json beside it)"
+    )
     parser.add_argument("--img-size", type=int, nargs=3, default=None, help="input size for the position embedding")
     parser.set_defaults(func=run)
 

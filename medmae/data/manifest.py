@@ -108,9 +108,7 @@ def parse_record(raw: Any, base: Path, where: str, check_files: bool = True) -> 
         raise ManifestError(f"{where}: missing required key(s) {missing}; a record needs 'id' and 'image'")
     unknown = sorted(set(raw) - set(CORE_KEYS) - set(DESCRIPTIVE_KEYS))
     if unknown:
-        raise ManifestError(
-            f"{where}: unknown key(s) {unknown}; allowed keys are {list(CORE_KEYS + DESCRIPTIVE_KEYS)}"
-        )
+        raise ManifestError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(CORE_KEYS + DESCRIPTIVE_KEYS)}")
     images = raw["image"] if isinstance(raw["image"], list) else [raw["image"]]
     if not images or not all(isinstance(p, str) and p for p in images):
         raise ManifestError(f"{where}: 'image' must be a path or a non-empty list of paths, got {raw['image']!r}")
@@ -162,7 +160,9 @@ def read_manifest(path: str | Path, check_files: bool = True, only_ok: bool = Tr
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ManifestError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+                raise ManifestError(
+                    f"{where}: not valid JSON ({error.msg}); each line must be one JSON object"
+                ) from None
             record = parse_record(raw, path.parent.resolve(), where, check_files)
             if record.id in seen:
                 raise ManifestError(f"{where}: duplicate id {record.id!r}; ids must be unique")

@@ -112,7 +112,9 @@ class LoadVolumed(MapTransform):
             finite = array[np.isfinite(array)]
             if finite.size == 0:
                 raise VolumeError(f"{paths[0]}: every voxel is NaN or Inf")
-            array = np.nan_to_num(array, nan=float(finite.min()), posinf=float(finite.max()), neginf=float(finite.min()))
+            array = np.nan_to_num(
+                array, nan=float(finite.min()), posinf=float(finite.max()), neginf=float(finite.min())
+            )
         meta = {"filename_or_obj": paths[0], "original_affine": volumes[0].affine.copy()}
         return MetaTensor(torch.from_numpy(array).to(self.dtype), affine=torch.as_tensor(volumes[0].affine), meta=meta)
 
@@ -169,7 +171,10 @@ def preprocessing_transforms(
         crop_foreground: crop to the bounding box of the foreground.
     """
     keys = ["image"] + ([label_key] if label_key else [])
-    steps: list[Transform] = [LoadVolumed(keys), Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    steps: list[Transform] = [
+        LoadVolumed(keys),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
     if spacing is not None:
         modes = ["bilinear"] + (["nearest"] if label_key else [])
         steps.append(Spacingd(keys, pixdim=tuple(spacing), mode=modes))

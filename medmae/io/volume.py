@@ -48,9 +48,7 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.ndim != 4:
-            raise VolumeError(
-                f"{self.name}: Volume.array must be (C, I, J, K), got shape {tuple(self.array.shape)}"
-            )
+            raise VolumeError(f"{self.name}: Volume.array must be (C, I, J, K), got shape {tuple(self.array.shape)}")
         if self.affine.shape != (4, 4):
             raise VolumeError(f"{self.name}: affine must be 4x4, got {self.affine.shape}")
 
@@ -82,9 +80,7 @@ class Volume:
 
     def same_grid(self, other: Volume, atol: float = 1e-4) -> bool:
         """True when both volumes have the same spatial shape and affine (within ``atol`` mm)."""
-        return self.spatial_shape == other.spatial_shape and bool(
-            np.allclose(self.affine, other.affine, atol=atol)
-        )
+        return self.spatial_shape == other.spatial_shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
     def with_array(self, array: np.ndarray) -> Volume:
         """A copy on the same grid and header with new voxel data ``(C, I, J, K)``."""

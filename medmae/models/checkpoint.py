@@ -71,9 +71,7 @@ def load_pretrained_mae(path: str | Path, tasks: Sequence[str] = ("mae-pretrain"
     checkpoint = load_checkpoint(path)
     task = checkpoint_task(checkpoint)
     if task not in tasks:
-        raise CheckpointError(
-            f"{path}: this is a {task or 'non-medmae'} checkpoint; expected one of {list(tasks)}"
-        )
+        raise CheckpointError(f"{path}: this is a {task or 'non-medmae'} checkpoint; expected one of {list(tasks)}")
     hparams = dict(checkpoint["hyper_parameters"])
     model = build_mae(config_from_dict(hparams["model_config"]), norm_pix_loss=bool(hparams.get("norm_pix_loss")))
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}

@@ -114,7 +114,8 @@ class MaskedAutoencoder3D(nn.Module):
         super().__init__()
         if decoder.pred.out_features != encoder.patch_dim:
             raise ValueError(
-                f"decoder predicts {decoder.pred.out_features} values per patch, encoder patches hold {encoder.patch_dim}"
+                f"decoder predicts {decoder.pred.out_features} values per patch, "
+                f"encoder patches hold {encoder.patch_dim}"
             )
         self.encoder = encoder
         self.decoder = decoder
@@ -134,18 +135,21 @@ class MaskedAutoencoder3D(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
-    def forward_encoder(self, volume: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_encoder(
+        self, volume: torch.Tensor, mask: torch.Tensor, masked_count: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the visible patches only.
 
         Args:
             volume: ``(B, C, D, H, W)``.
             mask: ``(B, N)`` bool, True = masked; the same count per sample.
+            masked_count: that count if known (skips a check that synchronises with the GPU).
 
         Returns:
             latent ``(B, K, D)`` and the visible patches' grid indices ``(B, K)``.
         """
         grid = self.encoder.check_input(volume)
-        visible, _ = split_indices(mask)
+        visible, _ = split_indices(mask, masked_count)
         patches = patchify(volume, self.encoder.patch_size)
         patches = torch.gather(patches, 1, visible[..., None].expand(-1, -1, patches.shape[-1]))
         tokens = self.encoder.embed_patches(patches, visible, grid)
@@ -166,9 +170,7 @@ class MaskedAutoencoder3D(nn.Module):
         """MSE on masked patches only (visible patches do not contribute)."""
         return masked_mse(pred, self.targets(volume), mask)
 
-    def sample_mask(
-        self, volume: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample_mask(self, volume: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw a ``(B, N)`` mask for ``volume`` with the default masking config, on its device."""
         grid = self.encoder.check_input(volume)
         return self.masking.sample(volume.shape[0], grid, generator, volume.device)
@@ -177,12 +179,14 @@ class MaskedAutoencoder3D(nn.Module):
         self, volume: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> MAEOutput:
         """Args:
-            volume: ``(B, C, D, H, W)``.
-            mask: ``(B, N)`` bool (True = masked); drawn with ``generator`` when None.
+        volume: ``(B, C, D, H, W)``.
+        mask: ``(B, N)`` bool (True = masked); drawn with ``generator`` when None.
         """
+        masked_count = None
         if mask is None:
             mask = self.sample_mask(volume, generator)
-        latent, visible = self.forward_encoder(volume, mask)
+            masked_count = self.masking.masked_count(self.encoder.check_input(volume))
+        latent, visible = self.forward_encoder(volume, mask, masked_count)
         pred = self.forward_decoder(latent, visible, volume.shape)
         return MAEOutput(self.forward_loss(volume, pred, mask), pred, mask)
 

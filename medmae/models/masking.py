@@ -136,6 +136,14 @@ class MaskingConfig:
             raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {self.kind!r}")
         num_masked(100, self.ratio)  # validates the ratio
 
+    def masked_count(self, grid: Sequence[int]) -> int:
+        """How many patches :meth:`sample` masks per sample on ``grid``."""
+        grid3 = as_size3(grid, "grid")
+        total = grid3[0] * grid3[1] * grid3[2]
+        if self.kind == "slab":
+            return num_masked(grid3[self.axis], self.ratio) * (total // grid3[self.axis])
+        return num_masked(total, self.ratio)
+
     def sample(
         self,
         batch_size: int,
@@ -151,18 +159,22 @@ class MaskingConfig:
         return slab_mask(batch_size, grid, self.ratio, self.axis, self.thickness, generator, device)
 
 
-def split_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(mask: torch.Tensor, masked_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of visible and of masked patches, ascending within each sample.
 
     Args:
         mask: ``(B, N)`` bool, the same number of ``True`` in every row.
+        masked_count: that number, when the caller knows it (masks from :class:`MaskingConfig`): the
+            mask is then not checked, which avoids a device-to-host synchronisation on GPUs.
 
     Returns:
         ``visible`` ``(B, K)`` and ``masked`` ``(B, N - K)`` long tensors.
     """
-    counts = mask.sum(dim=1)
-    if mask.shape[0] and bool((counts != counts[0]).any()):
-        raise ValueError(f"every sample must mask the same number of patches, got counts {counts.tolist()}")
+    if masked_count is None:
+        counts = mask.sum(dim=1)
+        if mask.shape[0] and bool((counts != counts[0]).any()):
+            raise ValueError(f"every sample must mask the same number of patches, got counts {counts.tolist()}")
+        masked_count = int(counts[0]) if mask.shape[0] else 0
     order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    keep = mask.shape[1] - int(counts[0]) if mask.shape[0] else 0
+    keep = mask.shape[1] - masked_count
     return order[:, :keep], order[:, keep:]

@@ -17,10 +17,7 @@ Size3 = tuple[int, int, int]
 
 def as_size3(value: int | Sequence[int], name: str = "size") -> Size3:
     """``16`` → ``(16, 16, 16)``; a 3-sequence is kept. Raises ValueError otherwise."""
-    if isinstance(value, int):
-        values = (value, value, value)
-    else:
-        values = tuple(int(v) for v in value)
+    values = (value, value, value) if isinstance(value, int) else tuple(int(v) for v in value)
     if len(values) != 3 or any(v <= 0 for v in values):
         raise ValueError(f"{name} must be a positive int or three positive ints, got {value!r}")
     return values  # type: ignore[return-value]

@@ -44,7 +44,13 @@ class MAEConfig:
 def vit_tiny() -> MAEConfig:
     """~0.5 M parameters: tests and CPU demos."""
     return MAEConfig(
-        hidden_size=96, depth=4, num_heads=4, mlp_dim=384, decoder_dim=48, decoder_depth=1, decoder_heads=4,
+        hidden_size=96,
+        depth=4,
+        num_heads=4,
+        mlp_dim=384,
+        decoder_dim=48,
+        decoder_depth=1,
+        decoder_heads=4,
         decoder_mlp_dim=192,
     )
 
@@ -52,7 +58,13 @@ def vit_tiny() -> MAEConfig:
 def vit_small() -> MAEConfig:
     """ViT-S/16 encoder (22 M) with a 4-block 192-wide decoder."""
     return MAEConfig(
-        hidden_size=384, depth=12, num_heads=6, mlp_dim=1536, decoder_dim=192, decoder_depth=4, decoder_heads=6,
+        hidden_size=384,
+        depth=12,
+        num_heads=6,
+        mlp_dim=1536,
+        decoder_dim=192,
+        decoder_depth=4,
+        decoder_heads=6,
         decoder_mlp_dim=768,
     )
 
@@ -65,7 +77,13 @@ def vit_base() -> MAEConfig:
 def vit_large() -> MAEConfig:
     """ViT-L/16 encoder (303 M) with an 8-block 512-wide decoder."""
     return MAEConfig(
-        hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+        hidden_size=1024,
+        depth=24,
+        num_heads=16,
+        mlp_dim=4096,
+        decoder_dim=512,
+        decoder_depth=8,
+        decoder_heads=16,
         decoder_mlp_dim=2048,
     )
 
@@ -103,7 +121,11 @@ def build_mae(
     """Instantiate the MAE described by ``config``."""
     encoder = ViT3DEncoder(**config.encoder_kwargs(), grad_checkpointing=grad_checkpointing)
     decoder = MAEDecoder(
-        config.hidden_size, encoder.patch_dim, config.decoder_dim, config.decoder_depth, config.decoder_heads,
+        config.hidden_size,
+        encoder.patch_dim,
+        config.decoder_dim,
+        config.decoder_depth,
+        config.decoder_heads,
         config.decoder_mlp_dim,
     )
     return MaskedAutoencoder3D(encoder, decoder, masking, norm_pix_loss)

@@ -124,9 +124,7 @@ class ViT3DEncoder(nn.Module):
     def check_input(self, volume: torch.Tensor) -> Size3:
         """Validate a ``(B, C, D, H, W)`` input and return its patch grid."""
         if volume.ndim != 5 or volume.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected a (B, {self.in_channels}, D, H, W) volume, got shape {tuple(volume.shape)}"
-            )
+            raise ValueError(f"expected a (B, {self.in_channels}, D, H, W) volume, got shape {tuple(volume.shape)}")
         return grid_shape(volume.shape[2:], self.patch_size)
 
     def forward_intermediates(

@@ -8,11 +8,11 @@ import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from medmae.models.patching import patch_mask_to_voxels  # noqa: E402
+from medmae.models.patching import patch_mask_to_voxels
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -66,6 +66,14 @@ def render_reconstruction(task: L.LightningModule, volume: torch.Tensor, title: 
     return figure
 
 
+def run_folder(trainer: L.Trainer) -> Path:
+    """The logger's version folder (the root dir without a logger); unlike ``trainer.log_dir`` this needs
+    no collective call, so it is safe on one rank of a distributed run."""
+    logger = trainer.logger
+    folder = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(folder or trainer.default_root_dir)
+
+
 class ReconstructionFigures(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), save a reconstruction PNG under
     ``<run folder>/figures/`` and send it to TensorBoard or wandb when those loggers are used.
@@ -93,8 +101,7 @@ class ReconstructionFigures(L.Callback):
             if self.sample is None:
                 return
         step = trainer.global_step
-        path = Path(trainer.default_root_dir if trainer.log_dir is None else trainer.log_dir)
-        path = path / "figures" / f"reconstruction_step{step:06d}.png"
+        path = run_folder(trainer) / "figures" / f"reconstruction_step{step:06d}.png"
         figure = render_reconstruction(task, self.sample.to(task.device), f"step {step}", path)
         self.saved.append(path)
         for logger in trainer.loggers:

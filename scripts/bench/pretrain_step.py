@@ -7,6 +7,7 @@ and the machine's fp32 matmul peak, giving the fraction of peak each step reache
 
     python scripts/bench/pretrain_step.py                      # small and base, table + JSON
     python scripts/bench/pretrain_step.py --presets small --steps 12 --json /tmp/bench.json
+    python scripts/bench/pretrain_step.py --presets base --sizes 64 96 128 160 --json docs/bench_sizes.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-ROI = (96, 96, 96)
 PATCH = 16
 BATCH = 2
 RATIO = 0.75
@@ -40,14 +40,15 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def build(kind: str, preset: str):
+def build(kind: str, preset: str, size: int):
     """The model and a step function ``step() -> loss`` doing forward, loss, backward and AdamW."""
     from medmae.models import build_mae, mae_config
     from medmae.models.mae import masked_mse
     from medmae.models.patching import patchify
 
     config = mae_config(preset, patch_size=PATCH)
-    volume = torch.randn(BATCH, 1, *ROI)
+    roi = (size, size, size)
+    volume = torch.randn(BATCH, 1, *roi)
     if kind == "medmae":
         model = build_mae(config)
         generator = torch.Generator().manual_seed(0)
@@ -61,7 +62,7 @@ def build(kind: str, preset: str):
 
         model = MaskedAutoEncoderViT(
             in_channels=1,
-            img_size=ROI,
+            img_size=roi,
             patch_size=PATCH,
             hidden_size=config.hidden_size,
             mlp_dim=config.mlp_dim,
@@ -102,10 +103,10 @@ def count_step_flops(forward) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(kind: str, preset: str, steps: int, warmup: int) -> dict:
-    """Time one (model, preset) pair in this process; returns the measurements."""
+def run_one(kind: str, preset: str, size: int, steps: int, warmup: int) -> dict:
+    """Time one (model, preset, input size) in this process; returns the measurements."""
     torch.manual_seed(0)
-    model, forward, step = build(kind, preset)
+    model, forward, step = build(kind, preset, size)
     flops = count_step_flops(forward)
     for _ in range(warmup):
         step()
@@ -117,6 +118,7 @@ def run_one(kind: str, preset: str, steps: int, warmup: int) -> dict:
     return {
         "model": kind,
         "preset": preset,
+        "size": size,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "steps": steps,
@@ -128,8 +130,9 @@ def run_one(kind: str, preset: str, steps: int, warmup: int) -> dict:
 
 def baseline_rss_mb() -> float:
     """Peak RSS of a process that only imports the libraries (subtracted to compare models)."""
-    import medmae.models  # noqa: F401
     import monai.networks.nets  # noqa: F401
+
+    import medmae.models  # noqa: F401
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -142,14 +145,15 @@ def in_subprocess(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "base"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[96], help="cube input sizes")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("docs/bench_pretrain_step.json"))
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("MODEL", "PRESET", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.warmup)))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.warmup)))
         return
     if args.baseline:
         print(json.dumps({"rss_mb": baseline_rss_mb()}))
@@ -159,32 +163,42 @@ def main() -> None:
     base_rss = in_subprocess(["--baseline"])["rss_mb"]
     rows = []
     for preset in args.presets:
-        for kind in ("monai", "medmae"):
-            row = in_subprocess(["--one", kind, preset, "--steps", str(args.steps), "--warmup", str(args.warmup)])
-            row["gflops_per_s"] = row["flops_per_step"] / row["median_s"] / 1e9
-            row["fraction_of_peak"] = row["gflops_per_s"] / peak
-            row["model_rss_mb"] = row["peak_rss_mb"] - base_rss
-            rows.append(row)
-    for preset in args.presets:
-        pair = {r["model"]: r for r in rows if r["preset"] == preset}
-        pair["medmae"]["speedup_vs_monai"] = pair["monai"]["median_s"] / pair["medmae"]["median_s"]
+        for size in args.sizes:
+            for kind in ("monai", "medmae"):
+                options = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+                row = in_subprocess(["--one", kind, preset, str(size), *options])
+                row["gflops_per_s"] = row["flops_per_step"] / row["median_s"] / 1e9
+                row["fraction_of_peak"] = row["gflops_per_s"] / peak
+                row["model_rss_mb"] = row["peak_rss_mb"] - base_rss
+                rows.append(row)
+            pair = {r["model"]: r for r in rows if r["preset"] == preset and r["size"] == size}
+            pair["medmae"]["speedup_vs_monai"] = pair["monai"]["median_s"] / pair["medmae"]["median_s"]
 
-    header = f"{'preset':<7}{'model':<8}{'step s':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}{'% peak':>8}{'peak MB':>9}{'speedup':>9}"
-    print(f"fp32 CPU, batch {BATCH} x 1x{ROI[0]}^3, patch {PATCH}^3, {int(RATIO * 100)}% masked; "
-          f"matmul peak {peak:.1f} GFLOP/s; {torch.get_num_threads()} threads; torch {torch.__version__}")
+    header = (
+        f"{'preset':<7}{'input':>6} {'model':<8}{'step s':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+        f"{'% peak':>8}{'peak MB':>9}{'speedup':>9}"
+    )
+    print(
+        f"fp32 CPU, batch {BATCH} x 1 channel, patch {PATCH}^3, {int(RATIO * 100)}% masked; "
+        f"matmul peak {peak:.1f} GFLOP/s; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    )
     print(header)
     for r in rows:
         speedup = f"{r['speedup_vs_monai']:.2f}x" if "speedup_vs_monai" in r else ""
         print(
-            f"{r['preset']:<7}{r['model']:<8}{r['median_s']:>8.3f}{r['flops_per_step'] / 1e9:>12.1f}"
+            f"{r['preset']:<7}{r['size']:>5}³ {r['model']:<8}{r['median_s']:>8.3f}{r['flops_per_step'] / 1e9:>12.1f}"
             f"{r['gflops_per_s']:>9.1f}{100 * r['fraction_of_peak']:>7.0f}%{r['model_rss_mb']:>9.0f}{speedup:>9}"
         )
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+        },
         "torch": torch.__version__,
         "matmul_peak_gflops": peak,
         "import_baseline_rss_mb": base_rss,
-        "config": {"batch": BATCH, "roi": ROI, "patch": PATCH, "mask_ratio": RATIO, "dtype": "float32"},
+        "config": {"batch": BATCH, "sizes": args.sizes, "patch": PATCH, "mask_ratio": RATIO, "dtype": "float32"},
         "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

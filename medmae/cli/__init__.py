@@ -11,13 +11,18 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from medmae.errors import report_error, root_cause
 from medmae.io.volume import VolumeError
 
 # Stage modules, in the order ``medmae --help`` lists them.
 COMMAND_MODULES = (
+    "medmae.cli.demo",
     "medmae.cli.manifest",
+    "medmae.cli.preprocess",
     "medmae.cli.pretrain",
     "medmae.cli.export",
+    "medmae.cli.repair",
+    "medmae.cli.segment",
 )
 
 EPILOG = """examples:
@@ -61,10 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.extra = rest
     try:
         return int(args.func(args) or 0)
-    except (VolumeError, ValueError, FileNotFoundError, PermissionError, OSError) as error:
-        from medmae.errors import report_error
-
+    except (VolumeError, ValueError, OSError) as error:
         return report_error(error)
+    except RuntimeError as error:  # MONAI wraps transform errors; report ours, re-raise real crashes
+        if isinstance(root_cause(error), (VolumeError, ValueError, OSError)):
+            return report_error(root_cause(error))
+        raise
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from medmae.data.transforms import (
     crop_transforms,
     preprocessing_transforms,
 )
+from medmae.errors import one_line
 from medmae.io.volume import VolumeError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def preprocess_records(
         try:
             image = pipelines[record.modality]({"image": record.image})["image"]
         except (VolumeError, RuntimeError, ValueError, OSError) as error:
-            return record.id, None, str(error).splitlines()[0]
+            return record.id, None, one_line(error)
         return record.id, torch.as_tensor(image, dtype=torch.float32).contiguous(), ""
 
     for record in records:  # build the pipelines once, before threads share them
@@ -157,6 +158,9 @@ class PretrainDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hp = self.hparams
+        if hp.cache_dir:
+            self._setup_from_cache()
+            return
         records = read_manifest(hp.manifest)
         train_records, val_records = split_records(records, hp.val_fraction, hp.seed)
         volumes, self.skipped = preprocess_records(records, hp.spacing, self.intensity, hp.preprocess_workers)
@@ -173,11 +177,37 @@ class PretrainDataModule(L.LightningDataModule):
         self.train_dataset = CropDataset(train, augment, length)
         self.val_dataset = CropDataset(val, centre_crop_transform(self.roi_size)) if val else None
 
+    def _setup_from_cache(self) -> None:
+        """Train/validation crops read from a ``medmae preprocess`` cache, split by scan like the manifest."""
+        from medmae.data.cache import CachedCropDataset, list_cached_ids
+
+        hp = self.hparams
+        records = read_manifest(hp.manifest, check_files=False)
+        cached = set(list_cached_ids(hp.cache_dir))
+        self.skipped = [(r.id, "not in the cache; run `medmae preprocess`") for r in records if r.id not in cached]
+        if self.skipped:
+            log.warning("%d of %d scans are not in %s and are skipped", len(self.skipped), len(records), hp.cache_dir)
+        train_records, val_records = split_records(records, hp.val_fraction, hp.seed)
+        train = [r.id for r in train_records if r.id in cached]
+        val = [r.id for r in val_records if r.id in cached]
+        if not train:
+            raise ValueError(f"{hp.cache_dir}: no training scan of {hp.manifest} is cached; run `medmae preprocess`")
+        length = max(hp.samples_per_epoch or len(train), hp.batch_size)
+        augment = Compose(augmentation_transforms())
+        self.train_dataset = CachedCropDataset(hp.cache_dir, self.roi_size, length, train, augment, seed=hp.seed)
+        self.val_dataset = CachedCropDataset(hp.cache_dir, self.roi_size, None, val, seed=hp.seed) if val else None
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle and self.hparams.cache_dir:  # encodes the epoch so cached crops differ per epoch
+            from medmae.data.cache import EpochSampler
+
+            sampler, shuffle = EpochSampler(len(dataset), shuffle=True, seed=self.hparams.seed), False
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.hparams.num_workers > 0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -60,8 +62,20 @@ def _check_spatial(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         )
 
 
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load``, but a ``.nii.gz`` is decompressed in one call (about twice as fast as streaming it)."""
+    if not path.name.lower().endswith(".gz"):
+        return nib.load(str(path))
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except zlib.error as error:
+        raise OSError(f"corrupt gzip data ({error})") from None
+    image_class = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+    return image_class.from_bytes(data)
+
+
 def _read_nifti(path: Path) -> Volume:
-    image = nib.load(str(path))
+    image = _load_nifti(path)
     header = image.header
     shape = image.shape
     if len(shape) == 2:

@@ -25,6 +25,16 @@ def task_classes(name: str) -> tuple[type, type]:
         from medmae.tasks.pretrain import MAEPretrainTask
 
         return MAEPretrainTask, PretrainDataModule
+    if name == "segment":
+        from medmae.data.seg_datamodule import SegDataModule
+        from medmae.tasks.segment import SegmentTask
+
+        return SegmentTask, SegDataModule
+    if name == "restore":
+        from medmae.data.datamodule import PretrainDataModule
+        from medmae.tasks.restore import MAERestoreTask
+
+        return MAERestoreTask, PretrainDataModule
     raise ValueError(f"unknown task {name!r}")
 
 
@@ -78,6 +88,8 @@ def fit_with_cli(
 
 def print_run_summary(trainer: object) -> None:
     """Where the run's checkpoints, logs and figures are."""
+    from medmae.tasks.figures import run_folder
+
     if not trainer.is_global_zero:
         return
     callback = trainer.checkpoint_callback
@@ -86,4 +98,4 @@ def print_run_summary(trainer: object) -> None:
         print(f"  last checkpoint: {callback.last_model_path}")
         if callback.best_model_path:
             print(f"  best checkpoint: {callback.best_model_path} ({callback.monitor} = {callback.best_model_score})")
-    print(f"  logs and figures: {trainer.log_dir}")
+    print(f"  logs and figures: {run_folder(trainer)}")

@@ -1,0 +1,213 @@
+"""Preprocess one scan the way :func:`medmae.data.transforms.preprocessing_transforms` does, several times faster.
+
+Same steps and the same output grid (MONAI's own grid arithmetic is called): reorient to RAS, resample to
+the target spacing, normalise per modality, crop to the foreground. Two things make it fast: the resampling
+is separable (three 1-D linear passes instead of a 3-D ``grid_sample``; for an axis-aligned grid the result is
+the same trilinear interpolation), and the stored array stays in source units and, when nothing was
+interpolated, in the source's integer dtype. The intensity normalisation is kept as per-channel constants
+(:class:`Normalisation`) and applied to each crop, which gives the same values as normalising the volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data.utils import compute_shape_offset, zoom_affine
+
+from medmae.data.manifest import ScanRecord
+from medmae.data.transforms import IntensityConfig, foreground
+from medmae.io.readers import read_volume
+from medmae.io.volume import Volume, VolumeError
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel ``y = clip((clip(x, lower, upper) - shift) / scale, out_low, out_high)`` (float32)."""
+
+    lower: float
+    upper: float
+    shift: float
+    scale: float
+    out_low: float = -np.inf
+    out_high: float = np.inf
+
+    def apply(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``array`` (any shape, any dtype) → float32 of the same shape, in place in ``out`` when given."""
+        f = np.float32
+        out = np.empty(np.shape(array), dtype=f) if out is None else out
+        np.copyto(out, array, casting="unsafe")
+        if np.isfinite(self.lower) or np.isfinite(self.upper):
+            np.clip(out, f(self.lower), f(self.upper), out=out)
+        np.subtract(out, f(self.shift), out=out)
+        np.divide(out, f(self.scale), out=out)
+        if np.isfinite(self.out_low) or np.isfinite(self.out_high):
+            np.clip(out, f(self.out_low), f(self.out_high), out=out)
+        return out
+
+
+def normalise(array: np.ndarray, norms: Sequence[Normalisation]) -> np.ndarray:
+    """Apply one :class:`Normalisation` per channel; ``array`` is ``(C, ...)``, the result float32."""
+    if len(norms) != array.shape[0]:
+        raise ValueError(f"{len(norms)} normalisations for {array.shape[0]} channels")
+    out = np.empty(array.shape, dtype=np.float32)
+    for norm, channel, target in zip(norms, array, out, strict=True):
+        norm.apply(channel, out=target)
+    return out
+
+
+@dataclass
+class PreprocessedScan:
+    """A preprocessed scan as the cache stores it.
+
+    Args:
+        array: ``(C, I, J, K)`` in source units (RAS, target spacing, cropped); integer when not interpolated.
+        affine: ``(4, 4)`` RAS affine of ``array``.
+        norms: one :class:`Normalisation` per channel.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    norms: list[Normalisation]
+
+    def normalised(self) -> np.ndarray:
+        """The model's input, ``(C, I, J, K)`` float32: what ``preprocessing_transforms`` returns."""
+        return normalise(self.array, self.norms)
+
+    def background(self) -> list[float]:
+        """Per-channel value for padding, in source units (the channel minimum)."""
+        return [float(channel.min()) for channel in self.array]
+
+    def norm_dicts(self) -> list[dict[str, float]]:
+        return [asdict(norm) for norm in self.norms]
+
+
+def load_record(record: ScanRecord, base: Path) -> Volume:
+    """The volume of a manifest record: its channel files stacked, or its DICOM series (``source`` paths).
+
+    Args:
+        record: a manifest record.
+        base: folder the record's ``source`` paths are relative to (the manifest's folder).
+    """
+    if record.info.get("series") and record.info.get("source"):
+        from medmae.data.dicom import read_series
+
+        files = [str((base / p).resolve()) for p in record.info["source"]]
+        return read_series(files, Path(record.image[0]))
+    volumes = [read_volume(p) for p in record.image]
+    for other in volumes[1:]:
+        if not other.same_grid(volumes[0], atol=1e-3):
+            raise VolumeError(f"{other.path}: channel is on another grid than {volumes[0].path}; co-register them")
+    array = volumes[0].array if len(volumes) == 1 else np.concatenate([v.array for v in volumes])
+    return volumes[0].with_array(array)
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip/transpose ``(C, I, J, K)`` so its axes point to R, A, S (as MONAI's ``Orientationd``); views only."""
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape[1:])
+    flips = [axis + 1 for axis, flip in enumerate(ornt[:, 1]) if flip == -1]
+    out = np.flip(array, axis=flips) if flips else array
+    order = [0, *(int(a) + 1 for a in np.argsort(ornt[:, 0]))]
+    return out.transpose(order), new_affine
+
+
+def _linear_along(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``array`` at fractional indices ``coords`` along ``axis`` (border clamped)."""
+    n = array.shape[axis]
+    if n == 1:
+        return np.repeat(array, len(coords), axis=axis).astype(np.float32)
+    clamped = np.clip(coords, 0, n - 1)
+    low = np.minimum(np.floor(clamped).astype(np.intp), n - 2)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    weight = (clamped - low).astype(np.float32).reshape(shape)
+    below = np.take(array, low, axis=axis).astype(np.float32, copy=False)
+    above = np.take(array, low + 1, axis=axis).astype(np.float32, copy=False)
+    return below + (above - below) * weight
+
+
+def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a RAS ``(C, I, J, K)`` array to ``spacing`` mm on MONAI ``Spacingd``'s output grid (trilinear).
+
+    Returns the array unchanged (same dtype) when the grid would not change.
+    """
+    target = zoom_affine(affine, np.asarray(spacing, dtype=np.float64), diagonal=False)
+    shape, offset = compute_shape_offset(array.shape[1:], affine, target, False)
+    target[:3, 3] = offset[:3]
+    shape = tuple(int(s) for s in shape)
+    xform = np.linalg.solve(affine, target)  # output voxel → input voxel
+    if not np.allclose(xform[:3, :3], np.diag(np.diag(xform[:3, :3])), atol=1e-6):
+        raise VolumeError("resampling needs an axis-aligned grid after reorientation to RAS")
+    if shape == array.shape[1:] and np.allclose(xform, np.eye(4), atol=1e-6):
+        return array, affine
+    out = array
+    for axis in np.argsort(np.diag(xform)[:3])[::-1]:  # the axis that shrinks most first
+        coords = xform[axis, axis] * np.arange(shape[axis]) + xform[axis, 3]
+        out = _linear_along(out, int(axis) + 1, coords)
+    return out, target
+
+
+def replace_nonfinite(array: np.ndarray, name: str) -> np.ndarray:
+    """NaN/-Inf → finite minimum, +Inf → finite maximum (as ``LoadVolumed``)."""
+    if array.dtype.kind != "f" or np.all(np.isfinite(array)):
+        return array
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
+        raise VolumeError(f"{name}: every voxel is NaN or Inf")
+    low, high = float(finite.min()), float(finite.max())
+    return np.nan_to_num(array, nan=low, posinf=high, neginf=low)
+
+
+def intensity_norms(array: np.ndarray, modality: str, intensity: IntensityConfig) -> list[Normalisation]:
+    """CT: the Hounsfield window onto ``[0, 1]``; otherwise a robust z-score (as ``robust_zscore``)."""
+    if modality == "CT":
+        low, high = intensity.ct_window
+        return [Normalisation(-np.inf, np.inf, low, high - low, 0.0, 1.0)] * array.shape[0]
+    flat = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(array.shape[0], -1))
+    lower, upper = intensity.mr_percentiles
+    stride = max(1, flat.shape[1] // 4_000_000)
+    quantiles = torch.tensor([lower / 100.0, upper / 100.0], dtype=flat.dtype)
+    lows, highs = torch.quantile(flat[:, ::stride], quantiles, dim=1)
+    clipped = torch.maximum(torch.minimum(flat, highs[:, None]), lows[:, None])
+    means, stds = clipped.mean(dim=1), clipped.std(dim=1)
+    return [
+        Normalisation(float(lo), float(hi), float(mean), float(std) if std > 1e-8 else np.inf)
+        for lo, hi, mean, std in zip(lows, highs, means, stds, strict=True)
+    ]
+
+
+def foreground_box(normalised: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of :func:`medmae.data.transforms.foreground` over all channels (whole volume if none)."""
+    mask = foreground(torch.from_numpy(normalised)).any(dim=0).numpy()
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1) if hits.size else slice(None))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def preprocess_volume(
+    volume: Volume,
+    modality: str,
+    spacing: Sequence[float] | None,
+    intensity: IntensityConfig | None = None,
+    crop_foreground: bool = True,
+) -> PreprocessedScan:
+    """Reorient to RAS, resample to ``spacing`` (None keeps it), derive the normalisation, crop to foreground."""
+    array = replace_nonfinite(volume.array, volume.name)
+    array, affine = to_ras(array, volume.affine)
+    if spacing is not None:
+        array, affine = resample(array, affine, spacing)
+    norms = intensity_norms(array, modality, intensity or IntensityConfig())
+    if crop_foreground:
+        box = foreground_box(normalise(array, norms))
+        array = array[(slice(None), *box)]
+        starts = [s.start or 0 for s in box]
+        affine = affine.copy()
+        affine[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
+    return PreprocessedScan(np.ascontiguousarray(array), affine, norms)

@@ -1,0 +1,137 @@
+"""Dice and 95th-percentile Hausdorff distance per class (MONAI metrics), per case and on average.
+
+Conventions (as in the Medical Segmentation Decathlon / nnU-Net evaluations): background is not scored;
+a class absent from both prediction and truth has Dice NaN and is left out of means; HD95 is in
+millimetres (the truth's voxel spacing) and NaN when the class is missing from either map.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+
+from medmae.io.readers import read_volume
+from medmae.io.volume import Volume, VolumeError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class CaseScores:
+    """Scores of one case: ``dice[c - 1]`` and ``hd95[c - 1]`` for class ``c = 1 .. classes-1``."""
+
+    case: str
+    dice: list[float]
+    hd95: list[float]
+
+
+def label_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int, spacing: tuple[float, ...]) -> tuple[list, list]:
+    """Dice and HD95 (mm) of classes ``1 .. num_classes-1`` for two ``(I, J, K)`` integer label maps."""
+    pred = one_hot(torch.as_tensor(prediction.astype(np.int64))[None, None], num_classes)
+    true = one_hot(torch.as_tensor(truth.astype(np.int64))[None, None], num_classes)
+    dice = compute_dice(pred, true, include_background=False, ignore_empty=True)[0]
+    present = (pred.flatten(2).any(2) & true.flatten(2).any(2))[0, 1:]
+    hd95 = torch.full_like(dice, float("nan"))
+    if present.any():
+        distances = compute_hausdorff_distance(pred, true, include_background=False, percentile=95, spacing=list(spacing))
+        hd95 = torch.where(present, distances[0].to(hd95.dtype), hd95)
+    return [float(v) for v in dice], [float(v) for v in hd95]
+
+
+def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str) -> CaseScores:
+    """Scores of one prediction against its truth; both must be single-channel on the same grid."""
+    if not prediction.same_grid(truth, atol=1e-3):
+        raise VolumeError(
+            f"{prediction.path}: prediction is on another grid than its truth {truth.path} (shape "
+            f"{prediction.spatial_shape} vs {truth.spatial_shape}); predict on the truth's image grid"
+        )
+    for volume in (prediction, truth):
+        if volume.num_channels != 1:
+            raise VolumeError(f"{volume.path}: a label map must have one channel, got {volume.num_channels}")
+        values = np.unique(volume.array)
+        if values.min() < 0 or values.max() >= num_classes or not np.all(values == np.round(values)):
+            raise VolumeError(
+                f"{volume.path}: label values {values[(values < 0) | (values >= num_classes)].tolist() or 'non-integer'} "
+                f"outside 0 .. {num_classes - 1}; pass --num-classes including background"
+            )
+    dice, hd95 = label_scores(prediction.array[0], truth.array[0], num_classes, truth.spacing)
+    return CaseScores(case, dice, hd95)
+
+
+def case_files(folder: Path) -> dict[str, Path]:
+    """Label-map files of a folder by file name."""
+    if not folder.is_dir():
+        raise VolumeError(f"{folder}: not a folder of label maps")
+    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(VOLUME_SUFFIXES)}
+
+
+def evaluate_folders(pred_dir: Path, truth_dir: Path, num_classes: int | None = None) -> list[CaseScores]:
+    """Score every truth file against the prediction of the same file name.
+
+    Args:
+        num_classes: classes including background (default: 1 + the largest label in the truths).
+    """
+    truths = case_files(truth_dir)
+    if not truths:
+        raise VolumeError(f"{truth_dir}: no label maps ({', '.join(VOLUME_SUFFIXES)}) found")
+    predictions = case_files(pred_dir)
+    missing = sorted(set(truths) - set(predictions))
+    if missing:
+        raise VolumeError(f"{pred_dir}: no prediction for {len(missing)} truth file(s), e.g. {missing[:3]}; "
+                          "predictions must have the truths' file names")
+    pairs = [(read_volume(predictions[name]), read_volume(path), name) for name, path in truths.items()]
+    if num_classes is None:
+        num_classes = 1 + int(max(np.max(truth.array) for _, truth, _ in pairs))
+    return [score_case(pred, truth, num_classes, name) for pred, truth, name in pairs]
+
+
+def mean_scores(cases: list[CaseScores]) -> CaseScores:
+    """NaN-ignoring mean per class over cases."""
+    dice = np.nanmean(np.array([c.dice for c in cases], dtype=float), axis=0) if cases else np.array([])
+    hd95 = np.nanmean(np.array([c.hd95 for c in cases], dtype=float), axis=0) if cases else np.array([])
+    return CaseScores("mean", dice.tolist(), hd95.tolist())
+
+
+def score_rows(cases: list[CaseScores]) -> list[dict[str, object]]:
+    """One row per case and a final ``mean`` row: ``dice_c``, ``hd95_c`` per class and their means."""
+    rows = []
+    for scores in [*cases, mean_scores(cases)]:
+        row: dict[str, object] = {"case": scores.case}
+        for index, (dice, hd95) in enumerate(zip(scores.dice, scores.hd95), start=1):
+            row[f"dice_{index}"], row[f"hd95_{index}"] = dice, hd95
+        row["dice_mean"] = float(np.nanmean(scores.dice)) if not np.all(np.isnan(scores.dice)) else math.nan
+        row["hd95_mean"] = float(np.nanmean(scores.hd95)) if not np.all(np.isnan(scores.hd95)) else math.nan
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> Path:
+    """Write rows as CSV atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """A fixed-width text table (Dice with 3 decimals, HD95 in mm with 2)."""
+    columns = list(rows[0])
+    cells = [[str(row["case"])] + [f"{row[c]:.3f}" if c.startswith("dice") else f"{row[c]:.2f}" for c in columns[1:]]
+             for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines).replace("nan", "n/a")

@@ -1,0 +1,221 @@
+"""Whole-volume repair on the scan's own grid: inpaint masked voxels or denoise, with sliding windows.
+
+The model sees voxel-index space: no reorientation or resampling, so the output is on the input grid by
+construction. Intensities are normalised like pretraining (CT: the checkpoint's HU window onto [0, 1];
+MR: percentile clip + z-score computed on the intact voxels), the network runs on overlapping windows of
+the training ROI blended with Gaussian weights (MONAI ``sliding_window_inference``), and predictions are
+mapped back to the input's intensity scale. Inpainting then writes *only* the masked voxels into a copy
+of the original array, cast to the input's dtype (rounded and clipped for integers), so every other voxel
+is bit-identical. CT predictions cannot leave the training window (default -1000..1000 HU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medmae.data.transforms import robust_zscore
+from medmae.io.volume import Volume, VolumeError
+from medmae.io.writers import cast_to_dtype
+from medmae.restore.net import RestorationNet
+
+MODALITIES = ("auto", "CT", "MR")
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """``normalised = (clip(x, low, high) - offset) / scale`` and its inverse ``x = normalised * scale + offset``."""
+
+    low: float
+    high: float
+    offset: float
+    scale: float
+
+    def forward(self, array: np.ndarray) -> np.ndarray:
+        return ((np.clip(np.nan_to_num(array), self.low, self.high) - self.offset) / self.scale).astype(np.float32)
+
+    def inverse(self, array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float64) * self.scale + self.offset
+
+
+def ct_intensity_map(window: Sequence[float]) -> IntensityMap:
+    """The CT window ``(low, high)`` HU mapped onto ``[0, 1]``, as in pretraining."""
+    low, high = float(window[0]), float(window[1])
+    return IntensityMap(low, high, low, high - low)
+
+
+def mr_intensity_map(values: np.ndarray, percentiles: Sequence[float]) -> IntensityMap:
+    """The affine map :func:`~medmae.data.transforms.robust_zscore` applies to ``values`` (any shape), made explicit.
+
+    It is read off robust_zscore's own output: two unclipped voxels give scale and offset, the clipped
+    extremes give the clip bounds.
+    """
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64).ravel())
+    normalised = robust_zscore(torch.from_numpy(values)[None], *percentiles)[0].double().numpy()
+    low_n, high_n = normalised.min(), normalised.max()
+    inside = np.flatnonzero((normalised > low_n) & (normalised < high_n))
+    if inside.size < 2 or values[inside].max() == values[inside].min():
+        centre = float(np.median(values)) if values.size else 0.0
+        return IntensityMap(centre, centre, centre, 1.0)
+    a, b = inside[np.argmin(values[inside])], inside[np.argmax(values[inside])]
+    scale = (values[b] - values[a]) / (normalised[b] - normalised[a])
+    offset = values[a] - normalised[a] * scale
+    return IntensityMap(low_n * scale + offset, high_n * scale + offset, offset, scale)
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """``CT`` for integer scans reaching below -500 (Hounsfield air), ``MR`` otherwise."""
+    return "CT" if np.issubdtype(array.dtype, np.integer) and float(array.min()) <= -500 else "MR"
+
+
+def intensity_map(values: np.ndarray, modality: str, hparams: dict) -> IntensityMap:
+    """The normalisation of a checkpoint (its ``ct_window`` / ``mr_percentiles``) for ``values``."""
+    if modality == "CT":
+        return ct_intensity_map(hparams.get("ct_window") or (-1000.0, 1000.0))
+    return mr_intensity_map(values, hparams.get("mr_percentiles") or (0.5, 99.5))
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """How windows run.
+
+    Args:
+        overlap: fraction of overlap between adjacent windows.
+        batch_size: windows per forward pass.
+        device: ``"cpu"``, ``"cuda"``, ... (``"auto"``: a GPU when there is one).
+        progress: show a progress bar.
+        rounds: blind-spot rounds of plain-checkpoint denoising.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 1
+    device: str = "auto"
+    progress: bool = False
+    rounds: int = 4
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def roi_of(net: RestorationNet, hparams: dict) -> tuple[int, int, int]:
+    """The training ROI (or 4 patches per axis), rounded to whole patches."""
+    patch = net.patch_size
+    roi = hparams.get("roi_size") or [p * 4 for p in patch]
+    return tuple(max(p, int(r) // p * p) for r, p in zip(roi, patch))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def run_windows(
+    net: RestorationNet, image: np.ndarray, mask: np.ndarray | None, roi: Sequence[int], settings: RepairSettings
+) -> np.ndarray:
+    """Inpaint (``mask`` given) or denoise a normalised ``(I, J, K)`` float32 array with blended windows.
+
+    A guided network's classical estimate (interpolation across the mask, or smoothing) is computed once
+    on the whole array, so windows that cut through a gap still interpolate from both of its sides.
+    """
+    device = settings.torch_device()
+    net = net.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    volume = torch.from_numpy(image)[None, None]
+    voxel_mask = None if mask is None else torch.from_numpy(mask)[None, None]
+    guide = net.guide(volume, voxel_mask)
+    channels = [volume] + [c.float() for c in (voxel_mask, guide) if c is not None]
+    inputs = torch.cat(channels, dim=1)  # (1, 1 + mask + guide, I, J, K)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        volume = window[:, :1]
+        window_guide = window[:, -1:] if guide is not None else None
+        if mask is None:
+            return net.denoise(volume, settings.rounds, generator, window_guide)
+        window_mask = window[:, 1:2] > 0.5
+        if not bool(window_mask.any()):
+            return volume
+        return net.inpaint(volume, window_mask, window_guide)[0]
+
+    output = sliding_window_inference(
+        inputs,
+        tuple(roi),
+        settings.batch_size,
+        predictor,
+        settings.overlap,
+        mode="gaussian",
+        progress=settings.progress,
+        sw_device=device,
+        device=torch.device("cpu"),
+    )
+    return output[0, 0].float().numpy()
+
+
+def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
+    """The mask's bounding box grown by ``margin`` voxels per axis, inside the array."""
+    where = np.nonzero(mask)
+    return tuple(
+        slice(max(0, int(w.min()) - m), min(s, int(w.max()) + m + 1)) for w, m, s in zip(where, margin, mask.shape)
+    )
+
+
+def inpaint_array(
+    net: RestorationNet, hparams: dict, array: np.ndarray, mask: np.ndarray, modality: str, settings: RepairSettings
+) -> np.ndarray:
+    """A copy of ``array`` ``(I, J, K)`` (same dtype): ``mask`` voxels filled by the model, others untouched."""
+    out = array.copy()
+    if not mask.any():
+        return out
+    imap = intensity_map(array[~mask], modality, hparams)
+    roi = roi_of(net, hparams)
+    box = _bounding_box(mask, roi)
+    prediction = run_windows(net, imap.forward(array[box]), mask[box], roi, settings)
+    region = out[box]
+    region[mask[box]] = cast_to_dtype(imap.inverse(prediction[mask[box]]), array.dtype)
+    return out
+
+
+def denoise_array(
+    net: RestorationNet, hparams: dict, array: np.ndarray, modality: str, settings: RepairSettings
+) -> np.ndarray:
+    """The denoised ``array`` ``(I, J, K)`` in its own dtype."""
+    imap = intensity_map(array, modality, hparams)
+    prediction = run_windows(net, imap.forward(array), None, roi_of(net, hparams), settings)
+    return cast_to_dtype(imap.inverse(prediction), array.dtype)
+
+
+def resolve_modality(volume: Volume, modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return guess_modality(volume.array) if modality == "auto" else modality
+
+
+def inpaint_volume(
+    net: RestorationNet,
+    hparams: dict,
+    volume: Volume,
+    mask: np.ndarray,
+    modality: str = "auto",
+    settings: RepairSettings = RepairSettings(),
+) -> Volume:
+    """Repair every channel of ``volume`` inside ``mask`` ``(I, J, K)`` bool; a new Volume, same grid and dtype."""
+    if mask.shape != volume.spatial_shape:
+        raise VolumeError(
+            f"{volume.name}: the mask has shape {mask.shape}, the scan {volume.spatial_shape}; they must match"
+        )
+    modality = resolve_modality(volume, modality)
+    channels = [inpaint_array(net, hparams, channel, mask, modality, settings) for channel in volume.array]
+    return volume.with_array(np.stack(channels))
+
+
+def denoise_volume(
+    net: RestorationNet,
+    hparams: dict,
+    volume: Volume,
+    modality: str = "auto",
+    settings: RepairSettings = RepairSettings(),
+) -> Volume:
+    """Denoise every channel of ``volume``; a new Volume on the same grid and dtype."""
+    modality = resolve_modality(volume, modality)
+    return volume.with_array(np.stack([denoise_array(net, hparams, c, modality, settings) for c in volume.array]))

@@ -1,0 +1,1 @@
+"""Slice repair and denoising: corruption simulation, corrupted-slice detection, ``--slices`` parsing."""

@@ -1,0 +1,252 @@
+"""The restoration network: the MAE fills masked patches, an optional convolution refines at voxel level.
+
+Mask convention: a voxel mask ``(B, 1, D, H, W)`` bool, True = corrupted (to be filled). The MAE hides
+every patch that touches a masked voxel; the refinement sees the MAE's prediction, the intact voxels and
+the mask, so it can use the intact part of partly masked patches (a 1-slice gap hides a whole plane of
+8-voxel patches from the MAE, but the refinement still sees the 7 good slices).
+
+A *guided* network (restoration checkpoints since the second pass of issue 4) also gives the refinement
+a classical estimate and learns a residual over it: linear interpolation across the masked voxels
+(inpainting) or Gaussian smoothing (denoising). Its last convolution starts at zero, so an untrained
+guided network is exactly the classical method, and training can only move away from it where that helps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers.simplelayers import gaussian_1d, separable_filtering
+
+from medmae.models.mae import MaskedAutoencoder3D
+from medmae.models.patching import patch_mask_to_voxels, patchify, unpatchify
+
+
+class Refiner(nn.Module):
+    """3x3x3 convolutions predicting a voxel-level residual from stacked input channels.
+
+    The last convolution starts at zero, so an untrained refiner leaves its base estimate unchanged.
+
+    Args:
+        channels: hidden width.
+        inputs: number of input channels (3: prediction, intact voxels, mask; 4: and a classical estimate).
+        depth: number of convolutions (>= 2).
+    """
+
+    def __init__(self, channels: int = 16, inputs: int = 3, depth: int = 3) -> None:
+        super().__init__()
+        if channels < 1 or inputs < 1 or depth < 2:
+            raise ValueError(
+                f"refinement needs channels >= 1, inputs >= 1 and depth >= 2, got {channels}, {inputs}, {depth}"
+            )
+        layers: list[nn.Module] = [nn.Conv3d(inputs, channels, 3, padding=1), nn.GELU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv3d(channels, channels, 3, padding=1), nn.GELU()]
+        layers.append(nn.Conv3d(channels, 1, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, *channels: torch.Tensor) -> torch.Tensor:
+        """Each input ``(B, 1, D, H, W)`` (bool masks are cast); returns the residual ``(B, 1, D, H, W)``."""
+        dtype = channels[0].dtype
+        return self.layers(torch.cat([c.to(dtype) for c in channels], dim=1))
+
+
+def interpolate_masked(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of the masked voxels from the nearest intact voxels along each axis.
+
+    Along each axis a masked voxel between two intact voxels ``a < x < b`` gets
+    ``v[a] + (x - a) / (b - a) * (v[b] - v[a])``; the three axes are averaged with weights ``1 / (b - a)^2``
+    (the shortest crossing dominates). A voxel with intact voxels on one side only takes the nearest one's
+    value with a negligible weight; a slice gap is therefore filled exactly like linear interpolation
+    along the gap axis, since its in-plane lines hold no intact voxel. Voxels with no intact voxel on any
+    of their three lines get the mean of the intact voxels (0 when there are none).
+
+    Args:
+        volume: ``(B, C, D, H, W)``; masked voxels are ignored.
+        mask: ``(B, 1 or C, D, H, W)`` bool, True = fill.
+
+    Returns:
+        ``(B, C, D, H, W)``: ``volume`` outside the mask, the interpolation inside.
+    """
+    mask = mask.expand_as(volume)
+    intact = ~mask
+    total = torch.zeros_like(volume)
+    weights = torch.zeros_like(volume)
+    for dim in (2, 3, 4):
+        size = volume.shape[dim]
+        shape = [1] * volume.ndim
+        shape[dim] = size
+        position = torch.arange(size, device=volume.device).reshape(shape).expand_as(volume)
+        before = torch.where(intact, position, -1).cummax(dim).values
+        after = torch.where(intact, position, size).flip(dim).cummin(dim).values.flip(dim)
+        value_before = volume.gather(dim, before.clamp(0, size - 1))
+        value_after = volume.gather(dim, after.clamp(0, size - 1))
+        has_before, has_after = before >= 0, after < size
+        span = (after - before).clamp_min(1).to(volume.dtype)
+        fraction = (position - before).to(volume.dtype) / span
+        both = value_before + fraction * (value_after - value_before)
+        value = torch.where(has_before & has_after, both, torch.where(has_before, value_before, value_after))
+        weight = torch.where(has_before & has_after, span.reciprocal() ** 2, (has_before | has_after) * 1e-6 / size**2)
+        total = total + weight * value
+        weights = weights + weight
+    counts = intact.sum((2, 3, 4), keepdim=True).clamp_min(1)
+    mean = (volume * intact).sum((2, 3, 4), keepdim=True) / counts
+    filled = torch.where(weights > 0, total / weights.clamp_min(1e-30), mean)
+    return torch.where(mask, filled, volume)
+
+
+def gaussian_smooth(volume: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Gaussian smoothing of ``(B, C, D, H, W)`` with ``sigma`` voxels (MONAI separable filter, mirrored edges)."""
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=3.0, approx="sampled").to(volume)
+    kernel = kernel / kernel.sum()
+    return separable_filtering(volume, [kernel] * 3, mode="reflect")
+
+
+def patch_stats(
+    volume: torch.Tensor, valid: torch.Tensor, patch: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std ``(B, N, 1)`` of each patch over its ``valid`` voxels.
+
+    Patches with fewer than two valid voxels take the average statistics of the patches that have them.
+    ``volume``, ``valid``: ``(B, 1, D, H, W)``.
+    """
+    values, weights = patchify(volume.float(), patch), patchify(valid.float(), patch)
+    count = weights.sum(-1, keepdim=True)
+    mean = (values * weights).sum(-1, keepdim=True) / count.clamp_min(1)
+    var = ((values - mean) ** 2 * weights).sum(-1, keepdim=True) / count.clamp_min(1)
+    std = (var + 1e-6).sqrt()
+    known = count >= 2
+    fallback_mean = (mean * known).sum(1, keepdim=True) / known.sum(1, keepdim=True).clamp_min(1)
+    fallback_std = (std * known).sum(1, keepdim=True) / known.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(known, mean, fallback_mean), torch.where(known, std, fallback_std.clamp_min(1e-3))
+
+
+class RestorationNet(nn.Module):
+    """Inpainting and denoising with a (fine-tuned) MAE and an optional voxel-level refinement.
+
+    Args:
+        mae: the masked autoencoder; with ``norm_pix_loss`` its per-patch normalised predictions are
+            mapped back with statistics of each patch's intact voxels.
+        refiner: voxel-level refinement (restoration checkpoints); None for a plain pretraining checkpoint.
+        guided: the refiner also sees a classical estimate (:meth:`guide`) and predicts a residual over it
+            instead of over the MAE's prediction; needs a refiner with 4 inputs.
+        smooth_sigma: Gaussian width (voxels) of the denoising guide.
+    """
+
+    def __init__(
+        self,
+        mae: MaskedAutoencoder3D,
+        refiner: Refiner | None = None,
+        guided: bool = False,
+        smooth_sigma: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if guided and refiner is None:
+            raise ValueError("a guided restoration network needs a refiner (refine_channels > 0)")
+        self.mae = mae
+        self.refiner = refiner
+        self.guided = guided
+        self.smooth_sigma = smooth_sigma
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return self.mae.encoder.patch_size
+
+    def patch_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` bool: the patches touching a masked voxel of ``mask`` ``(B, 1, D, H, W)``."""
+        pooled = F.max_pool3d(mask.float(), self.patch_size, self.patch_size)
+        return pooled.flatten(1) > 0
+
+    def predict_patches(
+        self, volume: torch.Tensor, patch_mask: torch.Tensor, stats_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """The MAE's voxel prediction ``(B, 1, D, H, W)`` for every patch, from the unmasked patches.
+
+        Args:
+            volume: ``(B, 1, D, H, W)`` normalised; masked patches are never seen by the encoder.
+            patch_mask: ``(B, N)`` bool, True = hidden; samples may hide different numbers of patches.
+            stats_valid: ``(B, 1, D, H, W)`` voxels whose statistics de-normalise norm-pix predictions.
+        """
+        if bool((patch_mask.sum(1) != patch_mask.sum(1)[0]).any()):
+            return torch.cat(
+                [self.predict_patches(v[None], m[None], s[None]) for v, m, s in zip(volume, patch_mask, stats_valid)]
+            )
+        if bool(patch_mask.all()):
+            return torch.zeros_like(volume)  # nothing visible: the normalised mean
+        latent, visible = self.mae.forward_encoder(volume, patch_mask)
+        pred = self.mae.forward_decoder(latent, visible, volume.shape).float()
+        if self.mae.norm_pix_loss:
+            mean, std = patch_stats(volume, stats_valid, self.patch_size)
+            pred = pred * std + mean
+        grid = self.mae.encoder.check_input(volume)
+        return unpatchify(pred, grid, self.patch_size, volume.shape[1]).to(volume.dtype)
+
+    def guide(self, volume: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The classical estimate a guided network refines, ``(B, 1, D, H, W)``; None when not guided.
+
+        ``mask`` given (inpainting): :func:`interpolate_masked`; None (denoising): :func:`gaussian_smooth`.
+        Whole-volume repair computes it once on the whole array and passes windows of it.
+        """
+        if not self.guided:
+            return None
+        if mask is None:
+            return gaussian_smooth(volume, self.smooth_sigma)
+        return interpolate_masked(volume, mask)
+
+    def inpaint(
+        self, volume: torch.Tensor, mask: torch.Tensor, guide: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the masked voxels.
+
+        Args:
+            volume: ``(B, 1, D, H, W)`` normalised; masked voxels are ignored.
+            mask: ``(B, 1, D, H, W)`` bool, True = fill.
+            guide: ``(B, 1, D, H, W)`` the interpolation a guided network refines (computed when None).
+
+        Returns:
+            The repaired volume (unmasked voxels unchanged) and the MAE's own prediction, both ``(B, 1, D, H, W)``.
+        """
+        intact = volume.masked_fill(mask, 0.0)
+        prediction = self.predict_patches(intact, self.patch_mask(mask), ~mask)
+        if self.refiner is None:
+            filled = prediction
+        elif self.guided:
+            guide = self.guide(intact, mask) if guide is None else guide
+            filled = guide + self.refiner(prediction, intact, mask, guide)
+        else:
+            filled = prediction + self.refiner(prediction, intact, mask)
+        return torch.where(mask, filled, volume), prediction
+
+    def denoise(
+        self,
+        volume: torch.Tensor,
+        rounds: int = 4,
+        generator: torch.Generator | None = None,
+        guide: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoise ``(B, 1, D, H, W)`` normalised volumes.
+
+        With a refiner (a restoration checkpoint) the MAE sees every patch and the refinement predicts the
+        residual of the noisy input, or with a guided network of its Gaussian smoothing ``guide`` (computed
+        when None). Without one (a plain pretraining checkpoint) the prediction is blind-spot
+        (Noise2Self-style): patches are split into ``rounds`` groups and each group is predicted while hidden,
+        so noise cannot be copied; expect smooth, low-detail results.
+        """
+        nothing = torch.zeros_like(volume, dtype=torch.bool)
+        if self.refiner is not None:
+            prediction = self.predict_patches(volume, self.patch_mask(nothing), ~nothing)
+            if self.guided:
+                guide = self.guide(volume, None) if guide is None else guide
+                return guide + self.refiner(prediction, volume, nothing, guide)
+            return volume + self.refiner(prediction, volume, nothing)
+        grid = self.mae.encoder.check_input(volume)
+        scores = torch.rand(self.patch_mask(nothing).shape, generator=generator, device=volume.device)
+        groups = scores.argsort(dim=1).argsort(dim=1) % rounds  # (B, N): equal-sized random groups
+        out = torch.zeros_like(volume)
+        for group in range(rounds):
+            hidden = groups == group
+            prediction = self.predict_patches(volume, hidden, ~nothing)
+            out = torch.where(patch_mask_to_voxels(hidden, grid, self.patch_size), prediction, out)
+        return out

@@ -1,0 +1,253 @@
+"""Fine-tuning a pretrained MAE for restoration: inpainting of slices/slabs/regions and denoising.
+
+Training works on the normalised crops of :class:`~medmae.data.datamodule.PretrainDataModule` and corrupts
+them on the fly: a voxel mask (slice gaps of 1-5 slices along a random axis, or a random box) to fill, or
+noise to remove (Rician for MR magnitude, Gaussian in Hounsfield units for CT). The loss (L1 or MSE) is
+taken on the masked voxels (inpainting) or on every voxel (denoising). Checkpoints hold the MAE under
+``model.*`` (so every MAE loader reads them) and the refinement under ``refiner.*``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae
+from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
+from medmae.restore.net import Refiner, RestorationNet
+from medmae.tasks.optim import make_adamw, param_groups, warmup_cosine
+
+TASK_NAME = "mae-restore"
+MAE_TASKS = ("mae-pretrain", TASK_NAME)
+MODES = ("inpaint", "denoise", "both")
+REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False}  # and their values in older checkpoints
+
+
+def make_refiner(hparams: dict) -> Refiner | None:
+    """The (untrained) refinement a restoration checkpoint's ``hparams`` describe; None without one."""
+    settings = {key: hparams.get(key, default) for key, default in REFINER_KEYS.items()}
+    if int(settings["refine_channels"]) <= 0:
+        if settings["guided"]:
+            raise ValueError("guided restoration needs a refinement: set refine_channels > 0 or guided: false")
+        return None
+    return Refiner(int(settings["refine_channels"]), 4 if settings["guided"] else 3, int(settings["refine_depth"]))
+
+
+def load_refiner_state(path: str, refiner: Refiner) -> None:
+    """Load the ``refiner.*`` weights of the checkpoint ``path`` into ``refiner`` (CheckpointError if they differ)."""
+    state = load_checkpoint(path)["state_dict"]
+    own = {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
+    try:
+        refiner.load_state_dict(own, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: refinement weights do not match its settings ({str(error).splitlines()[0]})"
+        ) from None
+
+
+def corruption_mask(
+    shape: tuple[int, ...], widths: tuple[int, int], axes: list[int], region_prob: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A voxel mask ``(1, 1, D, H, W)`` for a crop of spatial ``shape``: a gap of adjacent slices along a
+    random axis of ``axes`` (width drawn in ``widths``), or, with probability ``region_prob``, a box of
+    1/8 to 1/4 of each edge."""
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    mask = torch.zeros((1, 1, *shape), dtype=torch.bool)
+    if torch.rand(1, generator=generator).item() < region_prob:
+        box = [slice(None), slice(None)]
+        for size in shape:
+            width = draw(max(1, size // 8), max(1, size // 4))
+            start = draw(0, size - width)
+            box.append(slice(start, start + width))
+        mask[tuple(box)] = True
+        return mask
+    axis = axes[draw(0, len(axes) - 1)]
+    width = draw(*widths)
+    start = draw(1, shape[axis] - width - 1)
+    index = [slice(None)] * 5
+    index[2 + axis] = slice(start, start + width)
+    mask[tuple(index)] = True
+    return mask
+
+
+class MAERestoreTask(L.LightningModule):
+    """Restoration fine-tuning of a pretrained MAE (encoder + decoder + optional refinement).
+
+    Args:
+        pretrained: a ``medmae pretrain`` (or restoration) checkpoint to start from.
+        mode: ``inpaint``, ``denoise``, or ``both`` (alternating batches).
+        modality: ``MR`` (Rician noise) or ``CT`` (Gaussian noise in HU); the data's normalisation must match.
+        refine_channels: width of the voxel-level refinement; 0 trains the MAE alone.
+        refine_depth: number of 3x3x3 convolutions of the refinement.
+        guided: the refinement learns a residual over a classical estimate (linear interpolation across
+            the masked voxels, Gaussian smoothing of noisy input) instead of over the MAE's prediction; an
+            untrained guided network equals the classical estimate. Needs ``refine_channels > 0``.
+        smooth_sigma: Gaussian width (voxels) of the denoising guide.
+        gap_widths: range of slice-gap widths (inclusive).
+        gap_axes: axes along which slice gaps are cut (0, 1, 2).
+        region_prob: probability of masking a random box instead of a slice gap.
+        mr_noise: range of Rician sigma as a fraction of the crop's intensity range.
+        ct_noise_hu: range of Gaussian sigma in HU.
+        loss: ``l1`` or ``mse``.
+        mae_loss_weight: weight of the same loss on the MAE's own prediction (keeps it useful alone).
+        lr, min_lr_ratio, weight_decay, betas, warmup_steps: AdamW and warm-up + cosine schedule.
+        seed: seed of the corruption generator.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        mode: str = "inpaint",
+        modality: str = "MR",
+        refine_channels: int = 16,
+        refine_depth: int = 3,
+        guided: bool = True,
+        smooth_sigma: float = 1.0,
+        gap_widths: tuple[int, int] = (1, 5),
+        gap_axes: list[int] = [0, 1, 2],  # noqa: B006 - LightningCLI needs a literal default
+        region_prob: float = 0.25,
+        mr_noise: tuple[float, float] = (0.02, 0.1),
+        ct_noise_hu: tuple[float, float] = (10.0, 60.0),
+        loss: str = "l1",
+        mae_loss_weight: float = 0.5,
+        lr: float = 3e-4,
+        min_lr_ratio: float = 0.01,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"restoration mode must be one of {MODES}, got {mode!r}")
+        if modality not in ("MR", "CT"):
+            raise ValueError(f"modality must be MR or CT, got {modality!r}")
+        if loss not in ("l1", "mse"):
+            raise ValueError(f"loss must be l1 or mse, got {loss!r}")
+        if not 1 <= gap_widths[0] <= gap_widths[1] or any(a not in (0, 1, 2) for a in gap_axes) or not gap_axes:
+            raise ValueError(
+                f"gap_widths must be 1 <= low <= high and gap_axes a list of 0/1/2, got {gap_widths}, {gap_axes}"
+            )
+        self.save_hyperparameters()
+        mae, pre_hparams = load_pretrained_mae(pretrained, tasks=MAE_TASKS)
+        mae.train().norm_pix_loss = False  # restoration regresses normalised intensities directly
+        refiner = make_refiner(self.hparams)
+        same_refiner = all(
+            pre_hparams.get(key, default) == self.hparams[key] for key, default in REFINER_KEYS.items()
+        )
+        if refiner is not None and pre_hparams.get("task") == TASK_NAME and same_refiner:
+            load_refiner_state(pretrained, refiner)
+        self.model = mae
+        self.refiner = refiner
+        net = RestorationNet(mae, refiner, guided, smooth_sigma)
+        object.__setattr__(self, "net", net)  # a view sharing the parameters above
+        self.hparams["task"] = TASK_NAME
+        self.hparams["model_config"] = pre_hparams["model_config"]
+        self.hparams["norm_pix_loss"] = False
+        self.hparams["ct_window"] = list(pre_hparams.get("ct_window", (-1000.0, 1000.0)))
+        for key in ("roi_size", "spacing", "mr_percentiles"):
+            if key in pre_hparams:
+                self.hparams[key] = pre_hparams[key]
+        self._generator: torch.Generator | None = None
+
+    def on_fit_start(self) -> None:
+        """Record the data geometry and normalisation in the checkpoint (repair reads them)."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "intensity"):
+            self.hparams.update(
+                roi_size=list(datamodule.roi_size),
+                spacing=datamodule.hparams.get("spacing"),
+                ct_window=list(datamodule.intensity.ct_window),
+                mr_percentiles=list(datamodule.intensity.mr_percentiles),
+            )
+
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
+        return self._generator
+
+    def _distance(self, output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        error = (output - target).abs() if self.hparams.loss == "l1" else (output - target) ** 2
+        if weight is None:
+            return error.mean()
+        return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def inpaint_loss(self, volume: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Loss of filling a random gap/box in ``volume`` ``(B, 1, D, H, W)`` (one mask for the batch)."""
+        hp = self.hparams
+        mask = corruption_mask(
+            tuple(volume.shape[2:]), tuple(hp.gap_widths), list(hp.gap_axes), hp.region_prob, generator
+        )
+        mask = mask.to(volume.device).expand_as(volume)
+        repaired, prediction = self.net.inpaint(volume, mask)
+        weight = mask.float()
+        return self._distance(repaired, volume, weight) + hp.mae_loss_weight * self._distance(
+            prediction, volume, weight
+        )
+
+    def add_noise(self, volume: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noisy copy of normalised crops ``(B, 1, D, H, W)`` at a random level per crop."""
+        hp = self.hparams
+        batch = volume.shape[0]
+        shape = (batch, 1, 1, 1, 1)
+        if hp.modality == "CT":
+            low, high = hp.ct_noise_hu
+            sigma = (low + (high - low) * torch.rand(shape, generator=generator)) / (hp.ct_window[1] - hp.ct_window[0])
+            return add_gaussian_noise(volume, sigma.to(volume.device))
+        low, high = hp.mr_noise
+        flat = volume.flatten(1)
+        floor = flat.min(1).values.reshape(shape)
+        span = (flat.max(1).values.reshape(shape) - floor).clamp_min(1e-3)
+        level = low + (high - low) * torch.rand(shape, generator=generator)
+        cpu = add_rician_noise(volume.cpu().float(), level * span.cpu(), floor.cpu(), generator)
+        return cpu.to(volume.device, volume.dtype)
+
+    def denoise_loss(self, volume: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self._distance(self.net.denoise(self.add_noise(volume, generator)), volume)
+
+    def step_loss(self, volume: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+        mode = self.hparams.mode
+        if mode == "inpaint" or (mode == "both" and step % 2 == 0):
+            return self.inpaint_loss(volume, generator)
+        return self.denoise_loss(volume, generator)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.step_loss(batch["image"], self.generator(), self.global_step)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)  # the same corruption every validation
+        loss = self.step_loss(batch["image"], generator, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = make_adamw(param_groups(self.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas))
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1000
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        best = ModelCheckpoint(
+            filename="best-{step}", monitor="val/loss", save_last=True, auto_insert_metric_name=False
+        )
+        return [best]
+
+
+def load_restoration_net(path: str) -> tuple[RestorationNet, dict]:
+    """The :class:`RestorationNet` of a pretraining or restoration checkpoint (eval mode) and its hparams."""
+    mae, hparams = load_pretrained_mae(path, tasks=MAE_TASKS)
+    refiner = make_refiner(hparams) if hparams.get("task") == TASK_NAME else None
+    if refiner is not None:
+        load_refiner_state(path, refiner)
+    guided = refiner is not None and bool(hparams.get("guided", False))
+    return RestorationNet(mae, refiner, guided, float(hparams.get("smooth_sigma", 1.0))).eval(), hparams

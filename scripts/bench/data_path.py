@@ -1,0 +1,193 @@
+"""Benchmark the data path: plain MONAI pipeline vs ``medmae preprocess`` + cached crops, same run, same volumes.
+
+Volumes: the real chest CTs ``pyradiomics/lung{1,2}_image.nrrd``, the real DICOM series ``ct_dicom_series``
+and one full-size 512x512x160 int16 CT NIfTI synthesised (in a temporary folder) by resampling lung1 to
+1.5 mm slices, as in the issue. Everything runs in one process with one torch thread; costs are CPU seconds
+of this process (so other load on the machine does not count) and wall seconds.
+
+    python scripts/bench/data_path.py                      # prints a table, writes docs/bench_data_path.json
+    python scripts/bench/data_path.py --crops 100 --output /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from medmae.data.cache import CachedCropDataset
+from medmae.data.cache_store import PreprocessParams, write_entry, write_params
+from medmae.data.dicom import read_series
+from medmae.data.preprocess import preprocess_volume
+from medmae.data.transforms import LoadVolumed, augmentation_transforms
+from medmae.io import read_volume
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+SPACING = (1.5, 1.5, 2.0)
+ROI = (96, 96, 96)
+
+
+def baseline_pipeline(nifti: bool) -> Compose:
+    """LoadImaged → Orientationd → Spacingd → ScaleIntensityRanged → CropForegroundd → RandSpatialCropd 96³.
+
+    NRRD and DICOM are loaded with medmae's ``LoadVolumed`` (SimpleITK): MONAI's own readers for them need
+    the ``itk``/``pynrrd`` packages, which medmae does not install.
+    """
+    load = [LoadImaged("image", image_only=True), EnsureChannelFirstd("image")] if nifti else [LoadVolumed("image")]
+    return Compose(
+        [
+            *load,
+            Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd("image", pixdim=SPACING, mode="bilinear"),
+            ScaleIntensityRanged("image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd("image", source_key="image", allow_smaller=True),
+            RandSpatialCropd("image", roi_size=ROI, random_size=False),
+        ]
+    )
+
+
+def synthesise_full_size_ct(folder: Path) -> Path:
+    """lung1 resampled to 512x512x160 at 1.5 mm slices, int16, as a .nii.gz."""
+    image = sitk.ReadImage(str(DATA / "pyradiomics" / "lung1_image.nrrd"))
+    reference = sitk.Image(512, 512, 160, sitk.sitkInt16)
+    reference.SetSpacing((image.GetSpacing()[0], image.GetSpacing()[1], 1.5))
+    reference.SetOrigin(image.GetOrigin())
+    reference.SetDirection(image.GetDirection())
+    resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -1024, sitk.sitkInt16)
+    path = folder / "ct_512x512x160.nii.gz"
+    sitk.WriteImage(resampled, str(path), True)
+    return path
+
+
+def timed(func: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``(result, cpu seconds, wall seconds)``."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = func()
+    return result, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def source_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def first_pass(path: Path, cache: Path, params: PreprocessParams) -> None:
+    """What one ``medmae preprocess`` worker does for one scan."""
+    if path.is_dir():
+        files = [str(p) for p in path.iterdir() if p.is_file()]
+        volume = read_series(files, path)
+    else:
+        volume = read_volume(path)
+    scan = preprocess_volume(volume, "CT", params.spacing, params.intensity, params.crop_foreground)
+    write_entry(cache, path.name.split(".")[0], scan, "CT", params.fingerprint(), "bench")
+
+
+def run(crops: int, output: Path | None) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    params = PreprocessParams(SPACING)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        volumes = [
+            synthesise_full_size_ct(tmp_path),
+            DATA / "pyradiomics" / "lung1_image.nrrd",
+            DATA / "pyradiomics" / "lung2_image.nrrd",
+            DATA / "ct_dicom_series" / "series",
+        ]
+        cache = tmp_path / "cache"
+        write_params(cache, params)
+        rows = []
+        for path in volumes:
+            source_bytes(path)  # both paths read from the page cache, not the disk
+            pipeline = baseline_pipeline(nifti=path.name.endswith(".nii.gz"))
+            _, base_cpu, base_wall = timed(lambda p=path, f=pipeline: f({"image": str(p)}))
+            _, pre_cpu, pre_wall = timed(lambda p=path: first_pass(p, cache, params))
+            rows.append(
+                {
+                    "volume": path.name,
+                    "baseline_cpu_s": base_cpu,
+                    "baseline_wall_s": base_wall,
+                    "preprocess_cpu_s": pre_cpu,
+                    "preprocess_wall_s": pre_wall,
+                    "source_bytes": source_bytes(path),
+                }
+            )
+        cache_bytes = sum(p.stat().st_size for p in (cache / "scans").glob("*.npy"))
+        dataset = CachedCropDataset(cache, ROI, samples_per_epoch=crops, transform=Compose(augmentation_transforms()))
+        dataset[0]
+        _, crop_cpu, crop_wall = timed(lambda: [dataset[i] for i in range(crops)])
+    return summarise(rows, crops, crop_cpu, crop_wall, cache_bytes, output)
+
+
+def summarise(
+    rows: list[dict[str, Any]], crops: int, crop_cpu: float, crop_wall: float, cache_bytes: int, output: Path | None
+) -> dict[str, Any]:
+    baseline_cpu = float(np.mean([r["baseline_cpu_s"] for r in rows]))
+    preprocess_cpu = float(np.mean([r["preprocess_cpu_s"] for r in rows]))
+    crop_mb = np.prod(ROI) * 4 / 1e6
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
+        "spacing": SPACING,
+        "roi": ROI,
+        "volumes": rows,
+        "baseline_crops_per_s_per_core": 1.0 / baseline_cpu,
+        "preprocess_s_per_volume_cpu": preprocess_cpu,
+        "first_pass_speedup": baseline_cpu / preprocess_cpu,
+        "cached_crops_per_s_per_core": crops / crop_cpu,
+        "cached_crops_per_s_wall": crops / crop_wall,
+        "cached_crop_MB_per_s": crops / crop_cpu * crop_mb,
+        "steady_state_speedup": (crops / crop_cpu) * baseline_cpu,
+        "source_MB": sum(r["source_bytes"] for r in rows) / 1e6,
+        "cache_MB": cache_bytes / 1e6,
+    }
+    print(f"{'volume':28s} {'baseline s':>11s} {'preprocess s':>13s} {'speed-up':>9s}   (CPU s, wall s)")
+    for r in rows:
+        print(
+            f"{r['volume']:28s} {r['baseline_cpu_s']:5.2f} {r['baseline_wall_s']:5.2f} "
+            f"{r['preprocess_cpu_s']:6.2f} {r['preprocess_wall_s']:6.2f} "
+            f"{r['baseline_cpu_s'] / r['preprocess_cpu_s']:8.1f}x"
+        )
+    print(
+        f"baseline: {result['baseline_crops_per_s_per_core']:.2f} crops/s/core; first pass "
+        f"{result['first_pass_speedup']:.1f}x faster per volume"
+    )
+    print(
+        f"cached augmented {ROI} crops: {result['cached_crops_per_s_per_core']:.0f}/s/core "
+        f"({result['cached_crop_MB_per_s']:.0f} MB/s), {result['steady_state_speedup']:.0f}x the baseline"
+    )
+    print(f"cache {result['cache_MB']:.1f} MB for {result['source_MB']:.1f} MB of sources")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crops", type=int, default=300, help="cached crops to time (default 300)")
+    parser.add_argument("--output", type=Path, default=Path("docs/bench_data_path.json"), help="JSON to write")
+    args = parser.parse_args()
+    run(args.crops, args.output)
+
+
+if __name__ == "__main__":
+    main()

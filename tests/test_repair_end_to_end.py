@@ -1,0 +1,192 @@
+"""Repair on real scans: bit-exact outside the mask, grid/dtype kept, input untouched; restoration fit; CLI errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from medmae.cli import main
+from medmae.data.datamodule import PretrainDataModule
+from medmae.evaluation.restore_baselines import interpolate_slices
+from medmae.evaluation.restore_metrics import psnr_in_mask
+from medmae.inference.repair import RepairSettings, inpaint_volume
+from medmae.io import read_volume, write_volume
+from medmae.restore.corrupt import corrupt_slices
+from medmae.restore.demo import run_repair_demo
+from medmae.restore.slices import slice_mask
+from medmae.tasks.pretrain import MAEPretrainTask
+from medmae.tasks.restore import MAERestoreTask, load_restoration_net
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+HIPPO = DATA / "hippocampus" / "imagesTr"
+CT = DATA / "ct_mr_samples" / "example_ct_sm.nii.gz"
+HELD_OUT = [HIPPO / f"hippocampus_{n}.nii.gz" for n in ("367", "393", "394")]  # not in the 16-scan manifest
+
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on shared CI cores: intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(task: L.LightningModule, manifest: Path, root: Path, steps: int) -> Path:
+    datamodule = PretrainDataModule(str(manifest), roi_size=[32, 32, 32], spacing=None, batch_size=4, val_fraction=0.25)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        default_root_dir=str(root),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, datamodule=datamodule)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(hippo_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    L.seed_everything(0, verbose=False)
+    task = MAEPretrainTask(preset="tiny", patch_size=8, norm_pix_loss=False, lr=2e-3, warmup_steps=3)
+    return fit(task, hippo_manifest, tmp_path_factory.mktemp("pretrain"), 30)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("scan", "suffix"),
+    [
+        (HIPPO / "hippocampus_367.nii.gz", ".nii.gz"),
+        (CT, ".nii.gz"),
+        (DATA / "pyradiomics" / "brain1_image.nrrd", ".nrrd"),
+    ],
+    ids=["mr-float", "ct-int16", "mr-nrrd"],
+)
+def test_inpaint_changes_only_masked_voxels(pretrain_ckpt: Path, scan: Path, suffix: str, tmp_path: Path) -> None:
+    before = digest(scan)
+    volume = read_volume(scan)
+    output = tmp_path / f"repaired{suffix}"
+    assert (
+        main(
+            ["inpaint", str(scan), "-o", str(output), "--ckpt", str(pretrain_ckpt), "--slices", "5-7,12", "--axis", "z"]
+        )
+        == 0
+    )
+    repaired = read_volume(output)
+    assert digest(scan) == before
+    assert repaired.dtype == volume.dtype and repaired.same_grid(volume, atol=1e-6)
+    mask = slice_mask(volume.spatial_shape, 2, [5, 6, 7, 12])
+    np.testing.assert_array_equal(repaired.array[0][~mask], volume.array[0][~mask])
+    assert not np.array_equal(repaired.array[0][mask], volume.array[0][mask])
+
+
+def test_inpaint_with_mask_file_and_detection(pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
+    volume = read_volume(CT)
+    damaged = volume.with_array(
+        corrupt_slices(volume.array[0], 2, [14], "stripes", np.random.default_rng(0)).astype(np.int16)[None]
+    )
+    damaged_path = write_volume(damaged, tmp_path / "damaged.nii.gz")
+    assert (
+        main(
+            ["inpaint", str(damaged_path), "-o", str(tmp_path / "out.nii.gz"), "--ckpt", str(pretrain_ckpt), "--detect"]
+        )
+        == 0
+    )
+    assert "slice 14 (axis z): stripes" in capsys.readouterr().out
+    repaired = read_volume(tmp_path / "out.nii.gz")
+    np.testing.assert_array_equal(np.delete(repaired.array, 14, axis=3), np.delete(damaged.array, 14, axis=3))
+    mask = np.zeros(volume.spatial_shape, dtype=np.uint8)
+    mask[40:60, 30:50, 10:14] = 1
+    mask_path = write_volume(volume.with_array(mask[None]), tmp_path / "mask.nii.gz")
+    assert (
+        main(
+            [
+                "inpaint",
+                str(CT),
+                "-o",
+                str(tmp_path / "m.nii.gz"),
+                "--ckpt",
+                str(pretrain_ckpt),
+                "--mask",
+                str(mask_path),
+            ]
+        )
+        == 0
+    )
+    out = read_volume(tmp_path / "m.nii.gz").array[0]
+    np.testing.assert_array_equal(out[mask == 0], volume.array[0][mask == 0])
+
+
+def test_bad_inputs_give_one_line_errors(pretrain_ckpt: Path, tmp_path: Path, capsys) -> None:
+    scan = HIPPO / "hippocampus_367.nii.gz"
+    other = write_volume(read_volume(CT), tmp_path / "other_grid.nii.gz")
+    common = [str(scan), "-o", str(tmp_path / "o.nii.gz"), "--ckpt", str(pretrain_ckpt)]
+    assert main(["inpaint", *common, "--mask", str(other)]) == 2
+    assert "mask is on another grid" in capsys.readouterr().err
+    assert main(["inpaint", *common, "--slices", "3,400", "--axis", "z"]) == 2
+    assert "slice index 400 is out of range" in capsys.readouterr().err
+    foreign = tmp_path / "seg.ckpt"
+    torch.save({"hyper_parameters": {"task": "segment"}, "state_dict": {}}, foreign)
+    assert main(["inpaint", str(scan), "-o", str(tmp_path / "o.nii.gz"), "--ckpt", str(foreign), "--slices", "3"]) == 2
+    assert "segment checkpoint; expected one of ['mae-pretrain', 'mae-restore']" in capsys.readouterr().err
+    assert main(["inpaint", str(scan), "-o", str(scan), "--ckpt", str(pretrain_ckpt), "--slices", "3"]) == 2
+    assert "refusing to overwrite the input" in capsys.readouterr().err
+
+
+def test_denoise_keeps_grid_and_dtype(pretrain_ckpt: Path, tmp_path: Path) -> None:
+    assert (
+        main(["denoise", str(CT), "-o", str(tmp_path / "d.nrrd"), "--ckpt", str(pretrain_ckpt), "--device", "cpu"]) == 0
+    )
+    denoised, volume = read_volume(tmp_path / "d.nrrd"), read_volume(CT)
+    assert denoised.dtype == np.int16 and denoised.same_grid(volume, atol=1e-4)
+
+
+def gap_psnr(ckpt: Path) -> float:
+    net, hparams = load_restoration_net(ckpt)
+    scores = []
+    for path in HELD_OUT:
+        volume = read_volume(path)
+        for start in (8, 14, 20):
+            mask = slice_mask(volume.spatial_shape, 2, [start, start + 1, start + 2])
+            repaired = inpaint_volume(net, hparams, volume, mask, "MR", RepairSettings(device="cpu"))
+            scores.append(psnr_in_mask(repaired.array[0], volume.array[0], mask))
+    return float(np.mean(scores))
+
+
+def test_restoration_fit_improves_gap_psnr(pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path) -> None:
+    L.seed_everything(0, verbose=False)
+    task = MAERestoreTask(
+        str(pretrain_ckpt), mode="inpaint", refine_channels=8, gap_widths=(1, 5), gap_axes=[2], lr=2e-3, warmup_steps=2
+    )
+    restore_ckpt = fit(task, hippo_manifest, tmp_path, 30)
+    state = torch.load(restore_ckpt, weights_only=True)
+    assert state["hyper_parameters"]["task"] == "mae-restore"
+    assert {k.split(".")[0] for k in state["state_dict"]} == {"model", "refiner"}
+    assert gap_psnr(restore_ckpt) > gap_psnr(pretrain_ckpt) + 0.5
+
+
+def test_repair_demo_step(pretrain_ckpt: Path, tmp_path: Path) -> None:
+    result = run_repair_demo(tmp_path, pretrain_ckpt, HIPPO / "hippocampus_394.nii.gz")
+    assert result["figure"].is_file() and result["figure"].stat().st_size > 10_000
+    assert np.isfinite(result["psnr_model"]) and np.isfinite(result["psnr_linear"])
+    truth = read_volume(HIPPO / "hippocampus_394.nii.gz").array[0]
+    linear = interpolate_slices(truth, 2, result["slices"], "linear")
+    mask = slice_mask(truth.shape, 2, result["slices"])
+    assert result["psnr_linear"] == pytest.approx(psnr_in_mask(linear, truth, mask))

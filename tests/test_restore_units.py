@@ -1,0 +1,177 @@
+"""Pure restoration helpers against references: slice parsing, intensity maps, interpolation, metrics, detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from medmae.data.transforms import robust_zscore
+from medmae.evaluation.restore_baselines import interpolate_slices
+from medmae.evaluation.restore_metrics import psnr_in_mask, restore_scores
+from medmae.inference.repair import ct_intensity_map, guess_modality, mr_intensity_map
+from medmae.io import read_volume
+from medmae.restore.corrupt import corrupt_slices, noisy_volume
+from medmae.restore.detect import detect_corrupted_slices
+from medmae.restore.net import Refiner, gaussian_smooth, interpolate_masked
+from medmae.restore.slices import parse_axis, parse_slices, slice_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+HIPPO = DATA / "hippocampus" / "imagesTr"
+CT = DATA / "ct_mr_samples" / "example_ct_sm.nii.gz"
+
+
+def test_parse_slices_ranges_and_lists():
+    assert parse_slices("40-42,50") == [40, 41, 42, 50]
+    assert parse_slices(" 7, 3-4 ,3") == [3, 4, 7]
+
+
+@pytest.mark.parametrize("text", ["a", "5-3", "-3", "", "1,,x"])
+def test_parse_slices_rejects_malformed(text):
+    with pytest.raises(ValueError, match="slice selection"):
+        parse_slices(text)
+
+
+def test_parse_slices_out_of_range_names_valid_range():
+    with pytest.raises(ValueError, match=r"out of range.*10 slices.*0-9"):
+        parse_slices("8-10", size=10)
+
+
+def test_parse_axis():
+    assert [parse_axis(a) for a in ("x", "j", "2", "Z")] == [0, 1, 2, 2]
+    assert parse_axis("auto", (0.6, 0.6, 5.0)) == 2
+    assert parse_axis("auto", (5.0, 1.0, 1.0)) == 0
+    assert parse_axis("auto", (1.0, 1.0, 1.0)) == 2
+    with pytest.raises(ValueError, match="axis 'w'"):
+        parse_axis("w")
+
+
+def test_slice_mask_matches_loop():
+    mask = slice_mask((4, 5, 6), 1, [1, 3])
+    for j in range(5):
+        assert mask[:, j, :].all() == (j in (1, 3)) and mask[:, j, :].any() == (j in (1, 3))
+
+
+def test_mr_intensity_map_is_robust_zscore_made_explicit():
+    array = read_volume(HIPPO / "hippocampus_003.nii.gz").array[0]
+    imap = mr_intensity_map(array, (0.5, 99.5))
+    reference = robust_zscore(torch.from_numpy(array[None].astype(np.float32)))[0].numpy()
+    np.testing.assert_allclose(imap.forward(array), reference, atol=1e-4)
+    inside = (array > imap.low) & (array < imap.high)
+    np.testing.assert_allclose(imap.inverse(imap.forward(array))[inside], array[inside], rtol=1e-4)
+
+
+def test_ct_window_map_and_modality_guess():
+    volume = read_volume(CT)
+    imap = ct_intensity_map((-1000, 1000))
+    assert imap.forward(np.array([-1000.0, 0.0, 1000.0, 3000.0])).tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert guess_modality(volume.array) == "CT"
+    assert guess_modality(read_volume(HIPPO / "hippocampus_001.nii.gz").array) == "MR"
+
+
+def test_linear_interpolation_matches_plain_loop():
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(3, 4, 10))
+    out = interpolate_slices(array, 2, [4, 5, 6], "linear")
+    for k, t in zip((4, 5, 6), (0.25, 0.5, 0.75)):
+        np.testing.assert_allclose(out[:, :, k], (1 - t) * array[:, :, 3] + t * array[:, :, 7])
+    np.testing.assert_array_equal(out[:, :, 7:], array[:, :, 7:])
+    cubic = interpolate_slices(array, 2, [4, 5, 6], "cubic")
+    np.testing.assert_array_equal(cubic[:, :, :4], array[:, :, :4])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_interpolate_masked_is_linear_interpolation_across_slice_gaps(axis):
+    array = read_volume(HIPPO / "hippocampus_003.nii.gz").array[0].astype(np.float64)
+    gap = [6, 7, 8]
+    mask = slice_mask(array.shape, axis, gap)
+    out = interpolate_masked(torch.from_numpy(array)[None, None], torch.from_numpy(mask)[None, None])[0, 0]
+    np.testing.assert_allclose(out.numpy(), interpolate_slices(array, axis, gap, "linear"), rtol=1e-12, atol=1e-9)
+
+
+def test_interpolate_masked_box_by_hand():
+    volume = torch.zeros(1, 1, 5, 5, 5, dtype=torch.float64)
+    volume[0, 0, 1, 2, 2], volume[0, 0, 3, 2, 2] = 2.0, 4.0  # along D: span 2, midpoint 3
+    volume[0, 0, 2, 1, 2], volume[0, 0, 2, 4, 2] = 3.0, 9.0  # along H: span 3, 1/3 of the way: 5
+    volume[0, 0, 2, 2, 0] = 7.0  # along W: one side only (the other is masked up to the edge)
+    mask = torch.zeros_like(volume, dtype=torch.bool)
+    mask[0, 0, 2, 2:4, 2] = True
+    mask[0, 0, 2, 2, 1:] = True
+    out = interpolate_masked(volume, mask)[0, 0]
+    weights = np.array([1 / 2**2, 1 / 3**2, 1e-6 / 5**2])
+    expected = float(np.dot(weights, [3.0, 5.0, 7.0]) / weights.sum())
+    assert out[2, 2, 2].item() == pytest.approx(expected)
+    np.testing.assert_array_equal(out[~mask[0, 0]].numpy(), volume[0, 0][~mask[0, 0]].numpy())
+    everything = torch.ones_like(mask)
+    assert interpolate_masked(volume, everything).abs().max() == 0  # nothing intact: the (empty) mean, 0
+
+
+def test_gaussian_smooth_matches_scipy():
+    array = read_volume(HIPPO / "hippocampus_003.nii.gz").array[0].astype(np.float64)
+    out = gaussian_smooth(torch.from_numpy(array)[None, None], 1.5)[0, 0].numpy()
+    np.testing.assert_allclose(out, gaussian_filter(array, 1.5, mode="mirror", truncate=3.0), rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize(("channels", "inputs", "depth"), [(0, 3, 3), (8, 0, 3), (8, 4, 1)])
+def test_refiner_rejects_bad_sizes(channels, inputs, depth):
+    with pytest.raises(ValueError, match="refinement needs"):
+        Refiner(channels, inputs, depth)
+
+
+def test_refiner_starts_at_zero_and_every_parameter_learns():
+    refiner = Refiner(4, inputs=4, depth=4)
+    inputs = [torch.randn(2, 1, 6, 6, 6) for _ in range(3)] + [torch.zeros(2, 1, 6, 6, 6, dtype=torch.bool)]
+    out = refiner(*inputs)
+    assert out.shape == (2, 1, 6, 6, 6) and out.abs().max() == 0
+    (out - 1).square().mean().backward()
+    assert refiner.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_psnr_in_mask_by_hand():
+    truth = np.zeros((4, 4, 4))
+    truth[1, 1, 1], truth[2, 2, 2] = 10.0, 5.0
+    prediction = truth.copy()
+    prediction[2, 2, 2] = 6.0
+    mask = truth > 0
+    # normalised by the ground-truth maximum (10): errors (0, 0.1) -> MSE 0.005 -> 23.01 dB
+    assert psnr_in_mask(prediction, truth, mask) == pytest.approx(10 * np.log10(1 / 0.005))
+    scores = restore_scores(prediction, truth, mask)
+    assert scores.mae == pytest.approx(0.05)
+
+
+def test_rician_noise_level():
+    array = read_volume(HIPPO / "hippocampus_003.nii.gz").array[0].astype(np.float64)
+    noisy = noisy_volume(array, "MR", 0.05, seed=1)
+    bright = array > np.percentile(array, 90)  # high SNR: Rician ~ Gaussian with the given sigma
+    low, high = np.percentile(array, [0.5, 99.5])
+    assert np.std((noisy - array)[bright]) == pytest.approx(0.05 * (high - low), rel=0.15)
+    assert (noisy >= 0).all()
+
+
+CLEAN = [
+    HIPPO / "hippocampus_001.nii.gz",
+    HIPPO / "hippocampus_017.nii.gz",
+    CT,
+    DATA / "pyradiomics" / "lung1_image.nrrd",
+]
+
+
+@pytest.mark.parametrize("path", CLEAN, ids=lambda p: p.name)
+def test_detection_flags_nothing_in_clean_scans(path):
+    volume = read_volume(path)
+    assert detect_corrupted_slices(volume.array[0], parse_axis("auto", volume.spacing)) == []
+
+
+@pytest.mark.parametrize("kind", ["zero", "stripes", "shift", "intensity"])
+@pytest.mark.parametrize("path", [HIPPO / "hippocampus_017.nii.gz", CT], ids=lambda p: p.name)
+def test_detection_finds_planted_slices(path, kind):
+    array = read_volume(path).array[0]
+    rng = np.random.default_rng(3)
+    corrupted = corrupt_slices(array, 2, [9, 17], kind, rng)
+    findings = detect_corrupted_slices(corrupted, 2)
+    assert [f.index for f in findings] == [9, 17]
+    assert all(f.kind == kind and f.reason for f in findings)

@@ -1,5 +1,9 @@
 """Random ROI crops read from the preprocessing cache through memory maps (augmentation after the crop).
 
+A crop is sliced from the memory map in the cache's compact dtype and normalised in one vectorised step; with
+:class:`CropAugmentation` the flips are views of that window and the intensity scale/shift join the same
+pass, so an augmented crop costs about as much as a plain one (MONAI's transforms copy it up to five times).
+
 Sample ``index`` of epoch ``e`` is drawn from ``numpy.random.default_rng([seed, e, index])``, so the same crop
 comes out whichever worker process or GPU rank draws it. :class:`EpochSampler` tells the dataset the epoch
 by encoding it in the indices it yields; Lightning shards it across DDP ranks like any sampler.
@@ -10,19 +14,103 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Randomizable
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, Sampler
 
 from medmae.data.cache_store import list_cached_ids, open_entry, read_meta
-from medmae.data.preprocess import normalise
+from medmae.data.preprocess import Normalisation
+from medmae.data.transforms import FLIP_PROB, INTENSITY_PROB, INTENSITY_SCALE, INTENSITY_SHIFT
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random choices for one crop: flip each spatial axis, intensity gain ``1 + factor``, offset."""
+
+    flips: tuple[bool, bool, bool]
+    gain: float | None
+    offset: float | None
+
+
+@dataclass(frozen=True)
+class CropAugmentation:
+    """:func:`~medmae.data.transforms.augmentation_transforms` fused with the crop's normalisation.
+
+    Flip each spatial axis with ``flip_prob``; with ``intensity_prob`` multiply by ``1 + U(-scale, scale)``;
+    with ``intensity_prob`` add ``U(-shift, shift)``. Random numbers are drawn in the MONAI transforms' order
+    (each array transform's own draw included): from the same ``numpy.random.RandomState`` both give the
+    same crop, bit for bit (tested).
+    """
+
+    flip_prob: float = FLIP_PROB
+    scale: float = INTENSITY_SCALE
+    shift: float = INTENSITY_SHIFT
+    intensity_prob: float = INTENSITY_PROB
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.flip_prob <= 1.0 and 0.0 <= self.intensity_prob <= 1.0):
+            raise ValueError(f"probabilities must lie in [0, 1], got {self.flip_prob} and {self.intensity_prob}")
+        if not (0.0 <= self.scale < 1.0 and self.shift >= 0.0):
+            raise ValueError(f"scale must lie in [0, 1) and shift be >= 0, got {self.scale} and {self.shift}")
+
+    def draw(self, rng: np.random.Generator | np.random.RandomState) -> AugmentDraw:
+        """The choices for one crop (``rng.uniform`` only, so a Generator and a RandomState both work)."""
+        flips = tuple(bool(rng.uniform(0.0, 1.0) < self.flip_prob) for _ in range(3))
+        gain = offset = None
+        if rng.uniform(0.0, 1.0) < self.intensity_prob:
+            rng.uniform(0.0, 1.0)  # MONAI's inner RandScaleIntensity (prob 1) draws once more
+            gain = 1.0 + float(rng.uniform(-self.scale, self.scale))
+        if rng.uniform(0.0, 1.0) < self.intensity_prob:
+            rng.uniform(0.0, 1.0)
+            offset = float(rng.uniform(-self.shift, self.shift))
+        return AugmentDraw(flips, gain, offset)  # type: ignore[arg-type]
+
+
+def render_crop(
+    window: np.ndarray,
+    roi_size: Sequence[int],
+    norms: Sequence[Normalisation],
+    background: Sequence[float],
+    draw: AugmentDraw | None = None,
+) -> np.ndarray:
+    """A ``(C, *roi_size)`` C-ordered float32 crop from a window in source units, reading the window once.
+
+    Args:
+        window: ``(C, X, Y, Z)`` source units (any dtype or strides, e.g. a memory-map view), at most ``roi_size``.
+        roi_size: crop size; the window is padded symmetrically with ``background`` where smaller.
+        norms: per-channel normalisation.
+        background: per-channel padding value in source units.
+        draw: flips (views of the window) and intensity gain/offset; None for a plain crop.
+
+    Returns:
+        The same values as normalising the padded window, then flipping, scaling and shifting it.
+    """
+    if len(norms) != window.shape[0]:
+        raise ValueError(f"{len(norms)} normalisations for {window.shape[0]} channels")
+    flips = draw.flips if draw is not None else (False, False, False)
+    gain, offset = (draw.gain, draw.offset) if draw is not None else (None, None)
+    out = np.empty((window.shape[0], *roi_size), dtype=np.float32)
+    region = []
+    for size, roi, flip in zip(window.shape[1:], roi_size, flips, strict=True):
+        before = (roi - size) // 2 if not flip else roi - size - (roi - size) // 2
+        region.append(slice(before, before + size))
+    flipped = window[(slice(None), *(slice(None, None, -1) if flip else slice(None) for flip in flips))]
+    for channel, norm in enumerate(norms):
+        if tuple(window.shape[1:]) != tuple(roi_size):
+            pad = np.array([background[channel]]).astype(window.dtype)  # as np.pad stores it in the window
+            out[channel].fill(norm.apply(pad, gain=gain, offset=offset)[0])
+        norm.apply(flipped[channel], out=out[channel][tuple(region)], gain=gain, offset=offset)
+    return out
 
 
 class CachedCropDataset(Dataset):
@@ -34,9 +122,11 @@ class CachedCropDataset(Dataset):
         samples_per_epoch: crops per epoch (default: one per scan); sample ``i`` starts at scan ``i % n``.
         ids: scans to use (default: every scan cached with the cache's current parameters).
         transform: applied to ``{"image": (C, X, Y, Z) float32 tensor, "id": str, "start": (3,) tensor}``
-            after the crop, e.g. ``Compose(augmentation_transforms())``; MONAI random transforms are reseeded
-            per sample.
-        seed: base seed of the crop positions and the transform.
+            after the crop (and ``augment``), without MONAI meta tracking; MONAI random transforms are
+            reseeded per sample.
+        seed: base seed of the crop positions and the augmentation.
+        augment: augmentation fused with reading the crop; ``CropAugmentation()`` does what
+            ``Compose(augmentation_transforms())`` as ``transform`` does, several times faster.
 
     ``__getitem__`` returns that dict after ``transform``. A scan that cannot be read is skipped (the next
     scan is used instead), warned about once and listed in :attr:`skipped`.
@@ -50,6 +140,7 @@ class CachedCropDataset(Dataset):
         ids: Sequence[str] | None = None,
         transform: Callable | None = None,
         seed: int = 0,
+        augment: CropAugmentation | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.roi_size = tuple(int(s) for s in roi_size)
@@ -71,6 +162,7 @@ class CachedCropDataset(Dataset):
         self.metas = {scan_id: read_meta(self.cache_dir, scan_id) for scan_id in self.ids}
         self.samples_per_epoch = samples_per_epoch or len(self.ids)
         self.transform = transform
+        self.augment = augment
         self.seed = int(seed)
         self.epoch = 0
         self._open: dict[str, tuple[np.ndarray, list]] = {}
@@ -93,8 +185,9 @@ class CachedCropDataset(Dataset):
             warnings.warn(f"{self.cache_dir}: skipping scan {scan_id}: {reason}", RuntimeWarning, stacklevel=3)
             log.warning("skipping cached scan %s: %s", scan_id, reason)
 
-    def crop(self, scan_id: str, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
-        """A random ``(C, *roi_size)`` float32 crop of one scan (normalised) and its start voxel."""
+    def window(self, scan_id: str, rng: np.random.Generator) -> tuple[np.ndarray, list[Normalisation], list[int]]:
+        """A random window of one scan: ``(C, *roi_size)`` or smaller where the scan is, in source units
+        (a memory-map view), its per-channel normalisation and its start voxel."""
         meta = self.metas[scan_id]
         if meta is None:
             raise ValueError("its cache entry is incomplete")
@@ -104,10 +197,14 @@ class CachedCropDataset(Dataset):
         shape = array.shape[1:]
         starts = [int(rng.integers(0, max(size - roi, 0) + 1)) for size, roi in zip(shape, self.roi_size, strict=True)]
         window = array[(slice(None), *(slice(s, s + r) for s, r in zip(starts, self.roi_size, strict=True)))]
-        window = np.asarray(window)
-        if window.shape[1:] != self.roi_size:
-            window = _pad(window, self.roi_size, meta["background"])
-        return normalise(window, norms), starts
+        return np.asarray(window), norms, starts
+
+    def crop(self, scan_id: str, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+        """A random ``(C, *roi_size)`` float32 crop of one scan (normalised, padded with its background,
+        augmented by ``augment``) and its start voxel."""
+        window, norms, starts = self.window(scan_id, rng)
+        draw = self.augment.draw(rng) if self.augment is not None else None
+        return render_crop(window, self.roi_size, norms, self.metas[scan_id]["background"], draw), starts
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch, item = divmod(int(index), len(self))
@@ -128,10 +225,22 @@ class CachedCropDataset(Dataset):
             }
             if self.transform is not None:
                 _reseed(self.transform, np.random.RandomState(int(rng.integers(2**31))))
-                sample = dict(self.transform(sample))
+                with _without_meta_tracking():
+                    sample = dict(self.transform(sample))
                 sample["image"] = convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False)
             return sample
         raise RuntimeError(f"{self.cache_dir}: none of the {len(self.ids)} cached scans can be read: {self.skipped}")
+
+
+@contextmanager
+def _without_meta_tracking() -> Iterator[None]:
+    """MONAI transforms on plain tensors (no MetaTensor bookkeeping), restoring the previous setting."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
 
 
 def _reseed(transform: Any, state: np.random.RandomState) -> None:
@@ -140,17 +249,6 @@ def _reseed(transform: Any, state: np.random.RandomState) -> None:
         _reseed(child, state)
     if isinstance(transform, Randomizable):
         transform.set_random_state(state=state)
-
-
-def _pad(window: np.ndarray, roi_size: tuple[int, ...], background: Sequence[float]) -> np.ndarray:
-    """Pad ``(C, ...)`` symmetrically up to ``roi_size`` with each channel's background value."""
-    widths = [(0, 0)] + [
-        ((r - s) // 2, r - s - (r - s) // 2) if s < r else (0, 0)
-        for s, r in zip(window.shape[1:], roi_size, strict=True)
-    ]
-    return np.stack(
-        [np.pad(channel, widths[1:], constant_values=value) for channel, value in zip(window, background, strict=True)]
-    )
 
 
 class EpochSampler(Sampler[int]):

@@ -180,6 +180,7 @@ class PretrainDataModule(L.LightningDataModule):
     def _setup_from_cache(self) -> None:
         """Train/validation crops read from a ``medmae preprocess`` cache, split by scan like the manifest."""
         from medmae.data.cache import CachedCropDataset, list_cached_ids
+        from medmae.data.cache_dataset import CropAugmentation
 
         hp = self.hparams
         records = read_manifest(hp.manifest, check_files=False)
@@ -193,8 +194,9 @@ class PretrainDataModule(L.LightningDataModule):
         if not train:
             raise ValueError(f"{hp.cache_dir}: no training scan of {hp.manifest} is cached; run `medmae preprocess`")
         length = max(hp.samples_per_epoch or len(train), hp.batch_size)
-        augment = Compose(augmentation_transforms())
-        self.train_dataset = CachedCropDataset(hp.cache_dir, self.roi_size, length, train, augment, seed=hp.seed)
+        self.train_dataset = CachedCropDataset(
+            hp.cache_dir, self.roi_size, length, train, seed=hp.seed, augment=CropAugmentation()
+        )
         self.val_dataset = CachedCropDataset(hp.cache_dir, self.roi_size, None, val, seed=hp.seed) if val else None
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

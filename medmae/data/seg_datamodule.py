@@ -115,10 +115,14 @@ def preprocess_labelled(
     unlabelled = [r.id for r in records if r.label is None]
     if unlabelled:
         raise VolumeError(f"scans without a 'label' in the manifest: {unlabelled[:5]}; segmentation needs labels")
-    pipelines = {m: preprocessing_transforms(m, spacing, intensity, label_key="label") for m in {r.modality for r in records}}
+    pipelines = {
+        m: preprocessing_transforms(m, spacing, intensity, label_key="label") for m in {r.modality for r in records}
+    }
 
     def one(record: ScanRecord) -> tuple[str, torch.Tensor, torch.Tensor]:
-        sample = run_pipeline(pipelines[record.modality], {"image": record.image, "label": record.label}, record.image[0])
+        sample = run_pipeline(
+            pipelines[record.modality], {"image": record.image, "label": record.label}, record.image[0]
+        )
         label = check_label(torch.as_tensor(sample["label"]), num_classes, str(record.label))
         return record.id, torch.as_tensor(sample["image"], dtype=torch.float32).contiguous(), label.contiguous()
 
@@ -135,7 +139,12 @@ class LabelledVolumes(Dataset):
         length: samples per epoch (default one per volume); sample ``i`` uses volume ``i % n``.
     """
 
-    def __init__(self, volumes: Sequence[tuple[str, torch.Tensor, torch.Tensor]], transform: Compose | None, length: int | None = None):
+    def __init__(
+        self,
+        volumes: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+        transform: Compose | None,
+        length: int | None = None,
+    ):
         if not volumes:
             raise ValueError("no labelled volumes to sample from")
         self.volumes = list(volumes)
@@ -152,8 +161,11 @@ class LabelledVolumes(Dataset):
             sample = self.transform(sample)
             sample = sample[0] if isinstance(sample, list) else sample
         image = torch.as_tensor(sample["image"], dtype=torch.float32)
-        return {"image": image.as_tensor() if hasattr(image, "as_tensor") else image,
-                "label": torch.as_tensor(sample["label"]).long(), "id": scan_id}
+        return {
+            "image": image.as_tensor() if hasattr(image, "as_tensor") else image,
+            "label": torch.as_tensor(sample["label"]).long(),
+            "id": scan_id,
+        }
 
 
 def training_crops(roi_size: Sequence[int], pos_fraction: float, affine_prob: float) -> Compose:
@@ -165,8 +177,14 @@ def training_crops(roi_size: Sequence[int], pos_fraction: float, affine_prob: fl
     ]
     if affine_prob > 0:
         steps.append(
-            RandAffined(KEYS, prob=affine_prob, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.1, 0.1, 0.1),
-                        mode=("bilinear", "nearest"), padding_mode="zeros")
+            RandAffined(
+                KEYS,
+                prob=affine_prob,
+                rotate_range=(0.26, 0.26, 0.26),
+                scale_range=(0.1, 0.1, 0.1),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
         )
     return Compose(steps + augmentation_transforms(KEYS))
 
@@ -239,8 +257,12 @@ class SegDataModule(L.LightningDataModule):
             raise ValueError(f"{hp.manifest}: no record has a 'label'; segmentation fine-tuning needs labelled scans")
         self.splits = seg_splits(records, hp.test_fraction, hp.val_fraction, hp.num_labeled, hp.split_seed, hp.seed)
         self.modality = Counter(r.modality for r in self.splits.train).most_common(1)[0][0]
-        log.info("segmentation splits: %d labelled training, %d validation, %d test scans",
-                 len(self.splits.train), len(self.splits.val), len(self.splits.test))
+        log.info(
+            "segmentation splits: %d labelled training, %d validation, %d test scans",
+            len(self.splits.train),
+            len(self.splits.val),
+            len(self.splits.test),
+        )
         needed = self.splits.train + self.splits.val
         volumes = preprocess_labelled(needed, hp.spacing, self.intensity, self.num_classes, hp.preprocess_workers)
         train, val = volumes[: len(self.splits.train)], volumes[len(self.splits.train) :]
@@ -253,8 +275,13 @@ class SegDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            self.train_dataset, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=True,
+            self.train_dataset,
+            batch_size=hp.batch_size,
+            shuffle=True,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -107,8 +107,12 @@ class LoadVolumed(MapTransform):
                     f"{other.path}: channel is on another grid than {volumes[0].path} "
                     f"(shape {other.spatial_shape} vs {volumes[0].spatial_shape}); channels must be co-registered"
                 )
-        array = np.concatenate([v.array for v in volumes], axis=0).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(array)):
+        # one pass: float32 conversion and C order together (MONAI's resampling copies strided input again)
+        if len(volumes) == 1:
+            array = np.ascontiguousarray(volumes[0].array, dtype=np.float32)
+        else:
+            array = np.concatenate([v.array for v in volumes], axis=0, dtype=np.float32)
+        if any(v.dtype.kind == "f" for v in volumes) and not np.all(np.isfinite(array)):
             finite = array[np.isfinite(array)]
             if finite.size == 0:
                 raise VolumeError(f"{paths[0]}: every voxel is NaN or Inf")
@@ -193,12 +197,19 @@ def crop_transforms(roi_size: Sequence[int], keys: Sequence[str] = ("image",)) -
     ]
 
 
+# The augmentation of training crops; :class:`medmae.data.cache_dataset.CropAugmentation` does the same in one pass.
+FLIP_PROB = 0.5  # per spatial axis
+INTENSITY_SCALE = 0.1  # x * (1 + U(-0.1, 0.1)) with probability INTENSITY_PROB
+INTENSITY_SHIFT = 0.1  # x + U(-0.1, 0.1) with probability INTENSITY_PROB
+INTENSITY_PROB = 0.5
+
+
 def augmentation_transforms(keys: Sequence[str] = ("image",), image_key: str = "image") -> list[Transform]:
     """Light augmentation applied after cropping: flips and small intensity scale/shift."""
     return [
-        RandFlipd(list(keys), prob=0.5, spatial_axis=0),
-        RandFlipd(list(keys), prob=0.5, spatial_axis=1),
-        RandFlipd(list(keys), prob=0.5, spatial_axis=2),
-        RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
-        RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
+        RandFlipd(list(keys), prob=FLIP_PROB, spatial_axis=0),
+        RandFlipd(list(keys), prob=FLIP_PROB, spatial_axis=1),
+        RandFlipd(list(keys), prob=FLIP_PROB, spatial_axis=2),
+        RandScaleIntensityd(image_key, factors=INTENSITY_SCALE, prob=INTENSITY_PROB),
+        RandShiftIntensityd(image_key, offsets=INTENSITY_SHIFT, prob=INTENSITY_PROB),
     ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +9,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from medmae.io.volume import LPS_TO_RAS, Volume, VolumeError
+
+try:  # ISA-L's gzip decoder is about twice as fast as zlib's; the standard library's is the fallback
+    from isal.igzip import decompress as gunzip
+    from isal.isal_zlib import error as GzipError
+except ImportError:  # pragma: no cover - depends on the environment
+    from gzip import decompress as gunzip
+    from zlib import error as GzipError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mhd"}
@@ -65,10 +70,10 @@ def _check_spatial(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 def _load_nifti(path: Path) -> nib.Nifti1Image:
     """``nib.load``, but a ``.nii.gz`` is decompressed in one call (about twice as fast as streaming it)."""
     if not path.name.lower().endswith(".gz"):
-        return nib.load(str(path))
+        return nib.load(str(path), mmap=False)  # in memory: a later rename over the file cannot break the array
     try:
-        data = gzip.decompress(path.read_bytes())
-    except zlib.error as error:
+        data = gunzip(path.read_bytes())
+    except GzipError as error:
         raise OSError(f"corrupt gzip data ({error})") from None
     image_class = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
     return image_class.from_bytes(data)
@@ -92,8 +97,8 @@ def _read_nifti(path: Path) -> Volume:
         data = np.asanyarray(image.dataobj)  # raw dtype, no float conversion
     else:
         data = np.asarray(image.dataobj, dtype=np.float32)
-    data = data.reshape(shape[:3] + (-1,)) if data.ndim != 3 else data[..., None]
-    array = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    data = data.reshape((*shape[:3], -1), order="F") if data.ndim != 3 else data[..., None]
+    array = np.moveaxis(data, -1, 0)  # a view of the Fortran-ordered data: a C-order copy costs as much as gunzip
     affine = np.asarray(image.affine, dtype=np.float64)
     _check_spatial(path, array, affine)
     return Volume(array, affine, path, "nifti", header.copy())
@@ -105,12 +110,9 @@ def _from_itk(image: sitk.Image, path: Path, fmt: str, header: dict[str, str]) -
             f"{path}: image has {image.GetDimension()} spatial dimensions (size {image.GetSize()}); "
             "medmae needs 3D volumes"
         )
-    data = sitk.GetArrayViewFromImage(image)  # (z, y, x) or (z, y, x, C)
-    if data.ndim == 3:
-        data = data[None]
-    else:
-        data = np.moveaxis(data, -1, 0)
-    array = np.ascontiguousarray(np.transpose(data, (0, 3, 2, 1)))  # (C, x, y, z)
+    data = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, C): one plain copy, owned by numpy
+    data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    array = np.transpose(data, (0, 3, 2, 1))  # (C, x, y, z), a view (Fortran order for one channel)
     affine = itk_affine(image)
     _check_spatial(path, array, affine)
     return Volume(array, affine, path, fmt, header)
@@ -163,7 +165,9 @@ def read_volume(path: str | Path) -> Volume:
         path: a NIfTI/NRRD/MHA/MHD file or a folder holding a single DICOM series.
 
     Returns:
-        The volume, ``array`` shaped ``(C, I, J, K)`` in the file's dtype.
+        The volume, ``array`` shaped ``(C, I, J, K)`` in the file's dtype. It is usually a strided view
+        (NIfTI data are Fortran-ordered, ITK's are ``(z, y, x)``), not a C-contiguous array: numpy, torch
+        and MONAI accept it as is; call ``np.ascontiguousarray`` where C order is really needed.
 
     Raises:
         VolumeError: the file is missing, unreadable, not 3D, or of an unsupported type.

@@ -3,10 +3,11 @@
 Volumes: the real chest CTs ``pyradiomics/lung{1,2}_image.nrrd``, the real DICOM series ``ct_dicom_series``
 and one full-size 512x512x160 int16 CT NIfTI synthesised (in a temporary folder) by resampling lung1 to
 1.5 mm slices, as in the issue. Everything runs in one process with one torch thread; costs are CPU seconds
-of this process (so other load on the machine does not count) and wall seconds.
+of this process (so other load on the machine does not count) and wall seconds. Each measurement is repeated
+(``--repeats``, baseline and medmae interleaved); the summary uses medians and reports the spread.
 
     python scripts/bench/data_path.py                      # prints a table, writes docs/bench_data_path.json
-    python scripts/bench/data_path.py --crops 100 --output /tmp/bench.json
+    python scripts/bench/data_path.py --crops 100 --repeats 5 --output /tmp/bench.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from monai.transforms import (
 )
 
 from medmae.data.cache import CachedCropDataset
+from medmae.data.cache_dataset import CropAugmentation
 from medmae.data.cache_store import PreprocessParams, write_entry, write_params
 from medmae.data.dicom import read_series
 from medmae.data.preprocess import preprocess_volume
@@ -45,6 +47,8 @@ from medmae.io import read_volume
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 SPACING = (1.5, 1.5, 2.0)
 ROI = (96, 96, 96)
+LOADER_BATCH = 4
+TIMES = ("baseline_cpu_s", "baseline_wall_s", "preprocess_cpu_s", "preprocess_wall_s")
 
 
 def baseline_pipeline(nifti: bool) -> Compose:
@@ -101,7 +105,48 @@ def first_pass(path: Path, cache: Path, params: PreprocessParams) -> None:
     write_entry(cache, path.name.split(".")[0], scan, "CT", params.fingerprint(), "bench")
 
 
-def run(crops: int, output: Path | None) -> dict[str, Any]:
+def time_volumes(volumes: list[Path], cache: Path, params: PreprocessParams, repeats: int) -> list[dict[str, Any]]:
+    """Baseline and first pass of each volume, ``repeats`` times each, interleaved (CPU and wall seconds)."""
+    rows = []
+    for path in volumes:
+        source_bytes(path)  # both paths read from the page cache, not the disk
+        pipeline = baseline_pipeline(nifti=path.name.endswith(".nii.gz"))
+        row: dict[str, Any] = {"volume": path.name, "source_bytes": source_bytes(path)}
+        for _ in range(repeats):
+            _, base_cpu, base_wall = timed(lambda p=path, f=pipeline: f({"image": str(p)}))
+            _, pre_cpu, pre_wall = timed(lambda p=path: first_pass(p, cache, params))
+            for key, value in zip(TIMES, (base_cpu, base_wall, pre_cpu, pre_wall), strict=True):
+                row.setdefault(key, []).append(value)
+        rows.append(row)
+    return rows
+
+
+def time_crops(cache: Path, crops: int, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds for ``crops`` augmented crops: fused :class:`CropAugmentation` and MONAI's transforms."""
+    datasets = {
+        "fused": CachedCropDataset(cache, ROI, samples_per_epoch=crops, augment=CropAugmentation()),
+        "monai": CachedCropDataset(cache, ROI, samples_per_epoch=crops, transform=Compose(augmentation_transforms())),
+    }
+    times: dict[str, list[float]] = {name: [] for name in datasets}
+    for dataset in datasets.values():
+        draw_crops(dataset, len(dataset.ids))  # map every scan once
+    loader = torch.utils.data.DataLoader(datasets["fused"], batch_size=LOADER_BATCH, num_workers=0)
+    times["loader"] = []
+    for _ in range(repeats):
+        for name, dataset in datasets.items():
+            times[name].append(timed(lambda d=dataset: draw_crops(d, crops))[1])
+        times["loader"].append(timed(lambda: [None for _ in loader])[1])  # + collating batches
+    return times
+
+
+def draw_crops(dataset: CachedCropDataset, count: int) -> None:
+    """Draw ``count`` samples, each dropped once drawn as a DataLoader drops it after collating (keeping them
+    all would fault in fresh memory for every crop: ~1 ms more per 96³ crop)."""
+    for index in range(count):
+        dataset[index]
+
+
+def run(crops: int, repeats: int, output: Path | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     params = PreprocessParams(SPACING)
@@ -115,64 +160,68 @@ def run(crops: int, output: Path | None) -> dict[str, Any]:
         ]
         cache = tmp_path / "cache"
         write_params(cache, params)
-        rows = []
-        for path in volumes:
-            source_bytes(path)  # both paths read from the page cache, not the disk
-            pipeline = baseline_pipeline(nifti=path.name.endswith(".nii.gz"))
-            _, base_cpu, base_wall = timed(lambda p=path, f=pipeline: f({"image": str(p)}))
-            _, pre_cpu, pre_wall = timed(lambda p=path: first_pass(p, cache, params))
-            rows.append(
-                {
-                    "volume": path.name,
-                    "baseline_cpu_s": base_cpu,
-                    "baseline_wall_s": base_wall,
-                    "preprocess_cpu_s": pre_cpu,
-                    "preprocess_wall_s": pre_wall,
-                    "source_bytes": source_bytes(path),
-                }
-            )
+        rows = time_volumes(volumes, cache, params, repeats)
         cache_bytes = sum(p.stat().st_size for p in (cache / "scans").glob("*.npy"))
-        dataset = CachedCropDataset(cache, ROI, samples_per_epoch=crops, transform=Compose(augmentation_transforms()))
-        dataset[0]
-        _, crop_cpu, crop_wall = timed(lambda: [dataset[i] for i in range(crops)])
-    return summarise(rows, crops, crop_cpu, crop_wall, cache_bytes, output)
+        crop_cpu = time_crops(cache, crops, repeats)
+    return summarise(rows, crops, crop_cpu, cache_bytes, output)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
 def summarise(
-    rows: list[dict[str, Any]], crops: int, crop_cpu: float, crop_wall: float, cache_bytes: int, output: Path | None
+    rows: list[dict[str, Any]], crops: int, crop_cpu: dict[str, list[float]], cache_bytes: int, output: Path | None
 ) -> dict[str, Any]:
-    baseline_cpu = float(np.mean([r["baseline_cpu_s"] for r in rows]))
-    preprocess_cpu = float(np.mean([r["preprocess_cpu_s"] for r in rows]))
+    baseline = np.mean([r["baseline_cpu_s"] for r in rows], axis=0)  # per repeat: mean over volumes
+    preprocess = np.mean([r["preprocess_cpu_s"] for r in rows], axis=0)
+    rates = {name: crops / np.asarray(cpu) for name, cpu in crop_cpu.items()}
     crop_mb = np.prod(ROI) * 4 / 1e6
     result = {
         "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
         "spacing": SPACING,
         "roi": ROI,
+        "repeats": len(baseline),
         "volumes": rows,
-        "baseline_crops_per_s_per_core": 1.0 / baseline_cpu,
-        "preprocess_s_per_volume_cpu": preprocess_cpu,
-        "first_pass_speedup": baseline_cpu / preprocess_cpu,
-        "cached_crops_per_s_per_core": crops / crop_cpu,
-        "cached_crops_per_s_wall": crops / crop_wall,
-        "cached_crop_MB_per_s": crops / crop_cpu * crop_mb,
-        "steady_state_speedup": (crops / crop_cpu) * baseline_cpu,
+        "baseline_s_per_crop_cpu": spread(baseline.tolist()),
+        "baseline_crops_per_s_per_core": spread((1.0 / baseline).tolist()),
+        "preprocess_s_per_volume_cpu": spread(preprocess.tolist()),
+        "first_pass_speedup": spread((baseline / preprocess).tolist()),
+        "cached_crops_per_s_per_core": spread(rates["fused"].tolist()),
+        "cached_crops_per_s_per_core_monai_transforms": spread(rates["monai"].tolist()),
+        "cached_crop_MB_per_s": spread((rates["fused"] * crop_mb).tolist()),
+        # per repeat: crop rate x that repeat's baseline seconds per crop
+        "steady_state_speedup": spread((rates["fused"] * baseline).tolist()),
+        "steady_state_speedup_monai_transforms": spread((rates["monai"] * baseline).tolist()),
+        f"dataloader_batch{LOADER_BATCH}_crops_per_s_per_core": spread(rates["loader"].tolist()),
+        f"dataloader_batch{LOADER_BATCH}_speedup": spread((rates["loader"] * baseline).tolist()),
         "source_MB": sum(r["source_bytes"] for r in rows) / 1e6,
         "cache_MB": cache_bytes / 1e6,
     }
-    print(f"{'volume':28s} {'baseline s':>11s} {'preprocess s':>13s} {'speed-up':>9s}   (CPU s, wall s)")
+    print(f"{'volume':28s} {'baseline s':>11s} {'preprocess s':>13s} {'speed-up':>9s}   (median CPU s, wall s)")
     for r in rows:
-        print(
-            f"{r['volume']:28s} {r['baseline_cpu_s']:5.2f} {r['baseline_wall_s']:5.2f} "
-            f"{r['preprocess_cpu_s']:6.2f} {r['preprocess_wall_s']:6.2f} "
-            f"{r['baseline_cpu_s'] / r['preprocess_cpu_s']:8.1f}x"
-        )
+        base, base_wall, pre, pre_wall = (float(np.median(r[key])) for key in TIMES)
+        print(f"{r['volume']:28s} {base:5.2f} {base_wall:5.2f} {pre:6.2f} {pre_wall:6.2f} {base / pre:8.1f}x")
+
+    def show(key: str, fmt: str) -> str:
+        s = result[key]
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+    print(f"median (min-max) of {len(baseline)} repeats:")
+    print(f"baseline: {show('baseline_crops_per_s_per_core', '.2f')} crops/s/core")
+    print(f"first pass: {show('first_pass_speedup', '.2f')}x faster per volume than the baseline")
     print(
-        f"baseline: {result['baseline_crops_per_s_per_core']:.2f} crops/s/core; first pass "
-        f"{result['first_pass_speedup']:.1f}x faster per volume"
+        f"cached augmented {ROI} crops: {show('cached_crops_per_s_per_core', '.0f')}/s/core "
+        f"({show('cached_crop_MB_per_s', '.0f')} MB/s), {show('steady_state_speedup', '.0f')}x the baseline"
     )
     print(
-        f"cached augmented {ROI} crops: {result['cached_crops_per_s_per_core']:.0f}/s/core "
-        f"({result['cached_crop_MB_per_s']:.0f} MB/s), {result['steady_state_speedup']:.0f}x the baseline"
+        f"  with MONAI's augmentation_transforms instead: {show('cached_crops_per_s_per_core_monai_transforms', '.0f')}"
+        f"/s/core, {show('steady_state_speedup_monai_transforms', '.0f')}x"
+    )
+    print(
+        f"  through a DataLoader (batches of {LOADER_BATCH}, collated in this process): "
+        f"{show(f'dataloader_batch{LOADER_BATCH}_crops_per_s_per_core', '.0f')}/s/core, "
+        f"{show(f'dataloader_batch{LOADER_BATCH}_speedup', '.0f')}x"
     )
     print(f"cache {result['cache_MB']:.1f} MB for {result['source_MB']:.1f} MB of sources")
     if output is not None:
@@ -184,9 +233,10 @@ def summarise(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crops", type=int, default=300, help="cached crops to time (default 300)")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every measurement (default 3)")
     parser.add_argument("--output", type=Path, default=Path("docs/bench_data_path.json"), help="JSON to write")
     args = parser.parse_args()
-    run(args.crops, args.output)
+    run(args.crops, args.repeats, args.output)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +17,10 @@ from medmae.evaluation.restore_baselines import interpolate_slices
 from medmae.evaluation.restore_metrics import psnr_in_mask
 from medmae.inference.repair import RepairSettings, inpaint_volume
 from medmae.io import read_volume, write_volume
+from medmae.io.writers import cast_to_dtype
 from medmae.restore.corrupt import corrupt_slices
 from medmae.restore.demo import run_repair_demo
+from medmae.restore.net import gaussian_smooth
 from medmae.restore.slices import slice_mask
 from medmae.tasks.pretrain import MAEPretrainTask
 from medmae.tasks.restore import MAERestoreTask, load_restoration_net
@@ -148,6 +151,8 @@ def test_bad_inputs_give_one_line_errors(pretrain_ckpt: Path, tmp_path: Path, ca
     assert "segment checkpoint; expected one of ['mae-pretrain', 'mae-restore']" in capsys.readouterr().err
     assert main(["inpaint", str(scan), "-o", str(scan), "--ckpt", str(pretrain_ckpt), "--slices", "3"]) == 2
     assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert main(["inpaint", *common, "--slices", "3", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_denoise_keeps_grid_and_dtype(pretrain_ckpt: Path, tmp_path: Path) -> None:
@@ -180,6 +185,38 @@ def test_restoration_fit_improves_gap_psnr(pretrain_ckpt: Path, hippo_manifest: 
     assert state["hyper_parameters"]["task"] == "mae-restore"
     assert {k.split(".")[0] for k in state["state_dict"]} == {"model", "refiner"}
     assert gap_psnr(restore_ckpt) > gap_psnr(pretrain_ckpt) + 0.5
+
+
+def test_untrained_guided_network_is_the_classical_estimate(pretrain_ckpt: Path) -> None:
+    """Zero-initialised residual: a new guided restoration net is linear interpolation / Gaussian smoothing."""
+    task = MAERestoreTask(str(pretrain_ckpt), refine_channels=4, guided=True)
+    net, hparams = task.net.eval(), dict(task.hparams)
+    volume = read_volume(CT)
+    gap = [10, 11, 12]
+    mask = slice_mask(volume.spatial_shape, 2, gap)
+    repaired = inpaint_volume(net, hparams, volume, mask, "CT", RepairSettings(device="cpu", overlap=0.25))
+    assert volume.array.max() > 1000  # bone beyond the HU window: interpolated around the model
+    linear = interpolate_slices(volume.array[0], 2, gap, "linear")
+    difference = repaired.array[0].astype(np.int32) - cast_to_dtype(linear, np.int16)
+    assert np.abs(difference).max() <= 1  # float32 windowing vs float64 interpolation: rounding only
+    noisy = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.denoise(noisy), gaussian_smooth(noisy, 1.0))
+
+
+def test_evaluate_restore_scores_every_method(pretrain_ckpt: Path, tmp_path: Path) -> None:
+    scan = HIPPO / "hippocampus_394.nii.gz"
+    argv = ["evaluate-restore", "--ckpt", str(pretrain_ckpt), "--scan", str(scan), "--widths", "3", "--gaps", "1"]
+    assert main([*argv, "--threads", "1", "-o", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "restore_eval.json").read_text())
+    methods = {(r["task"], r["method"]): r["psnr"] for r in rows}
+    assert set(methods) == {("inpaint", m) for m in ("model", "linear", "cubic")} | {
+        ("denoise", m) for m in ("noisy input", "model", "gaussian", "nl-means")
+    }
+    assert methods[("denoise", "nl-means")] > methods[("denoise", "noisy input")]
+    assert methods[("denoise", "gaussian")] > methods[("denoise", "noisy input")]
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert figures == {"inpaint_hippocampus_394.png", "denoise_hippocampus_394.png"}
 
 
 def test_repair_demo_step(pretrain_ckpt: Path, tmp_path: Path) -> None:

@@ -59,8 +59,9 @@ def test_label_on_another_grid_names_the_file(tmp_path: Path) -> None:
 
 
 def test_class_count_mismatch_names_the_file_and_values(tmp_path: Path) -> None:
-    scan = ScanRecord("a", [str(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")],
-                      str(HIPPO / "labelsTr" / "hippocampus_001.nii.gz"))
+    scan = ScanRecord(
+        "a", [str(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")], str(HIPPO / "labelsTr" / "hippocampus_001.nii.gz")
+    )
     with pytest.raises(VolumeError, match=r"hippocampus_001\.nii\.gz: label values \[2\] are outside 0 \.\. 1"):
         preprocess_labelled([scan], None, IntensityConfig(), num_classes=2)
     manifest = write_manifest([scan], tmp_path / "one.jsonl")
@@ -76,8 +77,17 @@ def test_unlabelled_manifest_is_rejected(tmp_path: Path) -> None:
 
 
 def test_training_crops_hold_foreground(hippo_manifest: Path) -> None:
-    data = SegDataModule(str(hippo_manifest), 3, num_labeled=3, roi_size=[32, 32, 32], spacing=None,
-                         pos_fraction=1.0, test_fraction=0.25, val_fraction=0.1, samples_per_epoch=6)
+    data = SegDataModule(
+        str(hippo_manifest),
+        3,
+        num_labeled=3,
+        roi_size=[32, 32, 32],
+        spacing=None,
+        pos_fraction=1.0,
+        test_fraction=0.25,
+        val_fraction=0.1,
+        samples_per_epoch=6,
+    )
     data.setup()
     assert len(data.splits.train) == 3 and len(data.splits.test) == 4
     batch = next(iter(data.train_dataloader()))

@@ -66,7 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
     evaluate.add_argument("--truth", type=Path, required=True, help="folder of reference label maps (same names)")
-    evaluate.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: from truth)")
+    evaluate.add_argument(
+        "--num-classes", type=int, default=None, help="classes incl. background (default: from truth)"
+    )
     evaluate.add_argument("--csv", type=Path, default=None, help="CSV output (default: PRED/scores.csv)")
     evaluate.set_defaults(func=run_evaluate)
 

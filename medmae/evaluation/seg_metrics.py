@@ -34,20 +34,25 @@ class CaseScores:
     hd95: list[float]
 
 
-def label_scores(prediction: np.ndarray, truth: np.ndarray, num_classes: int, spacing: tuple[float, ...]) -> tuple[list, list]:
-    """Dice and HD95 (mm) of classes ``1 .. num_classes-1`` for two ``(I, J, K)`` integer label maps."""
+def label_scores(
+    prediction: np.ndarray, truth: np.ndarray, num_classes: int, spacing: tuple[float, ...], hd95: bool = True
+) -> tuple[list, list]:
+    """Dice and HD95 (mm; all NaN unless ``hd95``) of classes ``1 .. num_classes-1`` for two ``(I, J, K)``
+    integer label maps."""
     pred = one_hot(torch.as_tensor(prediction.astype(np.int64))[None, None], num_classes)
     true = one_hot(torch.as_tensor(truth.astype(np.int64))[None, None], num_classes)
     dice = compute_dice(pred, true, include_background=False, ignore_empty=True)[0]
     present = (pred.flatten(2).any(2) & true.flatten(2).any(2))[0, 1:]
     hd95 = torch.full_like(dice, float("nan"))
     if present.any():
-        distances = compute_hausdorff_distance(pred, true, include_background=False, percentile=95, spacing=list(spacing))
+        distances = compute_hausdorff_distance(
+            pred, true, include_background=False, percentile=95, spacing=list(spacing)
+        )
         hd95 = torch.where(present, distances[0].to(hd95.dtype), hd95)
     return [float(v) for v in dice], [float(v) for v in hd95]
 
 
-def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str) -> CaseScores:
+def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str, hd95: bool = True) -> CaseScores:
     """Scores of one prediction against its truth; both must be single-channel on the same grid."""
     if not prediction.same_grid(truth, atol=1e-3):
         raise VolumeError(
@@ -59,12 +64,13 @@ def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str) -
             raise VolumeError(f"{volume.path}: a label map must have one channel, got {volume.num_channels}")
         values = np.unique(volume.array)
         if values.min() < 0 or values.max() >= num_classes or not np.all(values == np.round(values)):
+            outside = values[(values < 0) | (values >= num_classes)].tolist() or "non-integer"
             raise VolumeError(
-                f"{volume.path}: label values {values[(values < 0) | (values >= num_classes)].tolist() or 'non-integer'} "
+                f"{volume.path}: label values {outside} "
                 f"outside 0 .. {num_classes - 1}; pass --num-classes including background"
             )
-    dice, hd95 = label_scores(prediction.array[0], truth.array[0], num_classes, truth.spacing)
-    return CaseScores(case, dice, hd95)
+    dice, distances = label_scores(prediction.array[0], truth.array[0], num_classes, truth.spacing, hd95)
+    return CaseScores(case, dice, distances)
 
 
 def case_files(folder: Path) -> dict[str, Path]:
@@ -86,8 +92,10 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, num_classes: int | None = 
     predictions = case_files(pred_dir)
     missing = sorted(set(truths) - set(predictions))
     if missing:
-        raise VolumeError(f"{pred_dir}: no prediction for {len(missing)} truth file(s), e.g. {missing[:3]}; "
-                          "predictions must have the truths' file names")
+        raise VolumeError(
+            f"{pred_dir}: no prediction for {len(missing)} truth file(s), e.g. {missing[:3]}; "
+            "predictions must have the truths' file names"
+        )
     pairs = [(read_volume(predictions[name]), read_volume(path), name) for name, path in truths.items()]
     if num_classes is None:
         num_classes = 1 + int(max(np.max(truth.array) for _, truth, _ in pairs))
@@ -129,8 +137,10 @@ def write_csv(rows: list[dict[str, object]], path: Path) -> Path:
 def format_table(rows: list[dict[str, object]]) -> str:
     """A fixed-width text table (Dice with 3 decimals, HD95 in mm with 2)."""
     columns = list(rows[0])
-    cells = [[str(row["case"])] + [f"{row[c]:.3f}" if c.startswith("dice") else f"{row[c]:.2f}" for c in columns[1:]]
-             for row in rows]
+    cells = [
+        [str(row["case"])] + [f"{row[c]:.3f}" if c.startswith("dice") else f"{row[c]:.2f}" for c in columns[1:]]
+        for row in rows
+    ]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]

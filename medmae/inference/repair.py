@@ -6,7 +6,9 @@ MR: percentile clip + z-score computed on the intact voxels), the network runs o
 the training ROI blended with Gaussian weights (MONAI ``sliding_window_inference``), and predictions are
 mapped back to the input's intensity scale. Inpainting then writes *only* the masked voxels into a copy
 of the original array, cast to the input's dtype (rounded and clipped for integers), so every other voxel
-is bit-identical. CT predictions cannot leave the training window (default -1000..1000 HU).
+is bit-identical. The model works inside the normalisation window (CT: default -1000..1000 HU; MR: the
+0.5-99.5th percentiles); what lies beyond it (bone above +1000 HU, the brightest MR voxels) is carried
+around the model: interpolated across the mask (inpainting) or passed through (denoising).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from monai.inferers import sliding_window_inference
 from medmae.data.transforms import robust_zscore
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import cast_to_dtype
-from medmae.restore.net import RestorationNet
+from medmae.restore.net import RestorationNet, interpolate_masked
 
 MODALITIES = ("auto", "CT", "MR")
 
@@ -40,6 +42,11 @@ class IntensityMap:
 
     def inverse(self, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float64) * self.scale + self.offset
+
+    def excess(self, array: np.ndarray) -> np.ndarray:
+        """What :meth:`forward`'s clipping removes from ``array`` (float64, 0 inside the window)."""
+        values = np.nan_to_num(np.asarray(array, dtype=np.float64))
+        return values - np.clip(values, self.low, self.high)
 
 
 def ct_intensity_map(window: Sequence[float]) -> IntensityMap:
@@ -117,11 +124,18 @@ def run_windows(
     """Inpaint (``mask`` given) or denoise a normalised ``(I, J, K)`` float32 array with blended windows.
 
     A guided network's classical estimate (interpolation across the mask, or smoothing) is computed once
-    on the whole array, so windows that cut through a gap still interpolate from both of its sides.
+    on the whole array, so windows that cut through a gap still interpolate from both of its sides. An
+    array thinner than ``roi`` along an axis is mirrored up to the window size (and cropped back), so the
+    model never sees an artificial zero slab.
     """
     device = settings.torch_device()
     net = net.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(0)
+    shape = image.shape
+    padding = [(0, 0) if s >= r else ((r - s) // 2, r - s - (r - s) // 2) for s, r in zip(shape, roi)]
+    if any(p != (0, 0) for p in padding):  # thinner than a window: mirror the scan, not a zero slab
+        image = np.pad(image, padding, mode="symmetric")
+        mask = None if mask is None else np.pad(mask, padding, mode="symmetric")
     volume = torch.from_numpy(image)[None, None]
     voxel_mask = None if mask is None else torch.from_numpy(mask)[None, None]
     guide = net.guide(volume, voxel_mask)
@@ -149,7 +163,8 @@ def run_windows(
         sw_device=device,
         device=torch.device("cpu"),
     )
-    return output[0, 0].float().numpy()
+    crop = tuple(slice(before, before + size) for (before, _), size in zip(padding, shape))
+    return output[0, 0].float().numpy()[crop]
 
 
 def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
@@ -170,19 +185,23 @@ def inpaint_array(
     imap = intensity_map(array[~mask], modality, hparams)
     roi = roi_of(net, hparams)
     box = _bounding_box(mask, roi)
-    prediction = run_windows(net, imap.forward(array[box]), mask[box], roi, settings)
+    prediction = imap.inverse(run_windows(net, imap.forward(array[box]), mask[box], roi, settings))
+    excess = imap.excess(array[box])
+    if excess.any():  # beyond the window: linear interpolation across the mask, added to the model's fill
+        masked = torch.from_numpy(mask[box])[None, None]
+        prediction += interpolate_masked(torch.from_numpy(excess)[None, None], masked)[0, 0].numpy()
     region = out[box]
-    region[mask[box]] = cast_to_dtype(imap.inverse(prediction[mask[box]]), array.dtype)
+    region[mask[box]] = cast_to_dtype(prediction[mask[box]], array.dtype)
     return out
 
 
 def denoise_array(
     net: RestorationNet, hparams: dict, array: np.ndarray, modality: str, settings: RepairSettings
 ) -> np.ndarray:
-    """The denoised ``array`` ``(I, J, K)`` in its own dtype."""
+    """The denoised ``array`` ``(I, J, K)`` in its own dtype (values beyond the window pass through)."""
     imap = intensity_map(array, modality, hparams)
     prediction = run_windows(net, imap.forward(array), None, roi_of(net, hparams), settings)
-    return cast_to_dtype(imap.inverse(prediction), array.dtype)
+    return cast_to_dtype(imap.inverse(prediction) + imap.excess(array), array.dtype)
 
 
 def resolve_modality(volume: Volume, modality: str) -> str:

@@ -36,13 +36,16 @@ def load_segmenter(path: str | Path) -> SegmentTask:
     checkpoint = load_checkpoint(path)
     task = checkpoint_task(checkpoint)
     if task != TASK_NAME:
-        raise CheckpointError(f"{path}: this is a {task or 'non-medmae'} checkpoint; expected a 'segment' one "
-                              "(from `medmae finetune`)")
+        raise CheckpointError(
+            f"{path}: this is a {task or 'non-medmae'} checkpoint; expected a 'segment' one (from `medmae finetune`)"
+        )
     hparams = dict(checkpoint["hyper_parameters"])
     missing = [k for k in GEOMETRY_KEYS if k not in hparams]
     if missing:
-        raise CheckpointError(f"{path}: no preprocessing record {missing} in the checkpoint; it was not written by a "
-                              "`medmae finetune` run that reached training")
+        raise CheckpointError(
+            f"{path}: no preprocessing record {missing} in the checkpoint; it was not written by a "
+            "`medmae finetune` run that reached training"
+        )
     names = set(inspect.signature(SegmentTask.__init__).parameters) - {"self"}
     model = SegmentTask(**{**{k: v for k, v in hparams.items() if k in names}, "pretrained": None})
     model.hparams.update({k: hparams[k] for k in GEOMETRY_KEYS})
@@ -61,8 +64,10 @@ def inference_transforms(hparams: dict) -> Compose:
 def predict_probabilities(model: SegmentTask, image: MetaTensor, progress: bool = False) -> MetaTensor:
     """Softmax ``(classes, X, Y, Z)`` of a preprocessed ``(C, X, Y, Z)`` image, with the image's affine."""
     if image.shape[0] != model.config.in_channels and model.hparams.arch == "vit":
-        raise VolumeError(f"{image.meta.get('filename_or_obj')}: {image.shape[0]} channel(s), the model expects "
-                          f"{model.config.in_channels}")
+        raise VolumeError(
+            f"{image.meta.get('filename_or_obj')}: {image.shape[0]} channel(s), the model expects "
+            f"{model.config.in_channels}"
+        )
     logits = model.predict_logits(image.as_tensor()[None].to(model.device), progress=progress)
     return MetaTensor(torch.softmax(logits[0].float(), 0).cpu(), affine=image.affine)
 
@@ -70,7 +75,8 @@ def predict_probabilities(model: SegmentTask, image: MetaTensor, progress: bool 
 def to_input_grid(probabilities: MetaTensor, reference: Volume) -> np.ndarray:
     """Resample ``(classes, ...)`` probabilities onto ``reference``'s grid and take the arg-max ``(I, J, K)``."""
     resampled = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False)(
-        probabilities, dst_affine=torch.as_tensor(reference.affine, dtype=torch.float64),
+        probabilities,
+        dst_affine=torch.as_tensor(reference.affine, dtype=torch.float64),
         spatial_size=reference.spatial_shape,
     )
     return torch.as_tensor(resampled).argmax(0).numpy()

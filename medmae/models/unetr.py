@@ -17,6 +17,7 @@ multiple of the patch size works without resampling.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -85,7 +86,7 @@ class UNETR3D(nn.Module):
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
             raise ValueError(f"feature layers {bad} out of range for an encoder of depth {depth} (0 .. {depth - 1})")
-        if any(a >= b for a, b in zip(layers, layers[1:])):
+        if any(a >= b for a, b in itertools.pairwise(layers)):
             raise ValueError(f"feature layers must increase (finest skip first, like MONAI's 3/6/9), got {layers}")
         self.encoder = encoder
         self.feature_layers = layers

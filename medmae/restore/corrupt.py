@@ -101,6 +101,11 @@ def add_rician_noise(
     return torch.sqrt(real**2 + imaginary**2) + torch.as_tensor(floor, dtype=image.dtype, device=image.device)
 
 
+def noise_sigma(array: np.ndarray, modality: str, level: float) -> float:
+    """The Gaussian sigma :func:`noisy_volume` uses: ``level`` HU for CT, ``level * robust range`` for MR."""
+    return float(level) if modality == "CT" else float(level) * robust_range(array)
+
+
 def noisy_volume(array: np.ndarray, modality: str, level: float, seed: int = 0) -> np.ndarray:
     """A noisy float64 copy of a ``(I, J, K)`` scan.
 
@@ -114,8 +119,9 @@ def noisy_volume(array: np.ndarray, modality: str, level: float, seed: int = 0) 
         raise ValueError(f"noise level must be >= 0, got {level}")
     generator = torch.Generator().manual_seed(seed)
     image = torch.from_numpy(np.asarray(array, dtype=np.float64)).float()
+    sigma = noise_sigma(array, modality, level)
     if modality == "CT":
-        noisy = add_gaussian_noise(image, level, generator)
+        noisy = add_gaussian_noise(image, sigma, generator)
     else:
-        noisy = add_rician_noise(image, level * robust_range(array), 0.0, generator)
+        noisy = add_rician_noise(image, sigma, 0.0, generator)
     return noisy.double().numpy()

@@ -11,7 +11,7 @@ from medmae.evaluation.restore_metrics import psnr_in_mask
 from medmae.inference.repair import RepairSettings, inpaint_volume
 from medmae.io import read_volume, write_volume
 from medmae.restore.corrupt import corrupt_slices
-from medmae.restore.evaluate import gap_figure
+from medmae.restore.evaluate import comparison_figure
 from medmae.restore.slices import parse_axis, slice_mask
 
 
@@ -43,10 +43,9 @@ def run_repair_demo(workdir: Path, pretrain_ckpt: Path, scan: Path) -> dict:
     linear = interpolate_slices(corrupted.array[0], axis, gap, "linear")
     psnr_model = psnr_in_mask(repaired.array[0], truth, mask)
     psnr_linear = psnr_in_mask(linear, truth, mask)
-    figure = gap_figure(
+    figure = comparison_figure(
         truth,
-        axis,
-        gap,
+        (axis + 1) % 3,
         {"ground truth": truth, "corrupted": corrupted.array[0], "repaired (MAE)": repaired.array[0], "linear": linear},
         out_dir / "repair_demo.png",
         f"3-slice gap: MAE {psnr_model:.1f} dB vs linear {psnr_linear:.1f} dB PSNR",

@@ -22,7 +22,7 @@ import numpy as np
 from medmae.evaluation.restore_baselines import gaussian_denoise, interpolate_slices, nlm_denoise
 from medmae.evaluation.restore_metrics import foreground_mask, psnr_in_mask, restore_scores
 from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array
-from medmae.restore.corrupt import corrupt_slices, gap_indices, noisy_volume
+from medmae.restore.corrupt import corrupt_slices, gap_indices, noise_sigma, noisy_volume
 from medmae.restore.net import RestorationNet
 from medmae.restore.slices import parse_axis, slice_mask
 
@@ -55,14 +55,23 @@ def centre_crop(array: np.ndarray, max_size: int) -> np.ndarray:
     return array[tuple(slice(b, b + min(s, max_size)) for b, s in zip(starts, array.shape))]
 
 
-def gap_figure(
-    truth: np.ndarray, axis: int, gap: Sequence[int], images: dict[str, np.ndarray], path: Path, title: str
+def comparison_figure(
+    truth: np.ndarray,
+    plane_axis: int,
+    images: dict[str, np.ndarray],
+    path: Path,
+    title: str,
+    error_range: float = 0.5,
 ) -> Path:
-    """PNG of a plane through the gap (the gap shows as rows): ground truth, corrupted, each method, error maps."""
-    mid = truth.shape[(axis + 1) % 3] // 2
+    """PNG of the central plane perpendicular to ``plane_axis``: each image above its error map against ``truth``.
+
+    For a slice gap along ``axis`` pass ``plane_axis = (axis + 1) % 3``: the gap then shows as rows.
+    Grey levels span the truth's 1st-99th percentiles; error maps ``error_range`` times that span.
+    """
+    mid = truth.shape[plane_axis] // 2
 
     def plane(volume: np.ndarray) -> np.ndarray:
-        return np.take(volume, mid, axis=(axis + 1) % 3)
+        return np.take(volume, mid, axis=plane_axis)
 
     low, high = np.percentile(truth, [1, 99])
     names = list(images)
@@ -71,7 +80,9 @@ def gap_figure(
         axes[0, col].imshow(plane(images[name]).T, cmap="gray", vmin=low, vmax=high, origin="lower", aspect="auto")
         axes[0, col].set_title(name, fontsize=9)
         error = np.abs(plane(images[name]).astype(np.float64) - plane(truth))
-        axes[1, col].imshow(error.T, cmap="magma", vmin=0, vmax=(high - low) * 0.5, origin="lower", aspect="auto")
+        axes[1, col].imshow(
+            error.T, cmap="magma", vmin=0, vmax=(high - low) * error_range, origin="lower", aspect="auto"
+        )
         axes[1, col].set_title("|error|", fontsize=8)
         for row in (0, 1):
             axes[row, col].set_xticks([])
@@ -113,10 +124,9 @@ def inpainting_rows(
                     ScoreRow(scan.name, scan.modality, "inpaint", f"{width}-slice gap", method, **asdict(score))
                 )
             if figure_dir is not None and repeat == 0 and width == 3:
-                gap_figure(
+                comparison_figure(
                     scan.array,
-                    axis,
-                    gap,
+                    (axis + 1) % 3,
                     {"ground truth": scan.array, "corrupted": corrupted, **results},
                     figure_dir / f"inpaint_{scan.name}.png",
                     f"{scan.name}: 3-slice gap (slices {gap[0]}-{gap[-1]})",
@@ -125,12 +135,17 @@ def inpainting_rows(
 
 
 def denoising_rows(
-    net: RestorationNet, hparams: dict, scan: EvalScan, levels: Sequence[float], settings: RepairSettings
+    net: RestorationNet,
+    hparams: dict,
+    scan: EvalScan,
+    levels: Sequence[float],
+    settings: RepairSettings,
+    figure_dir: Path | None = None,
 ) -> list[ScoreRow]:
     """Score the model, Gaussian smoothing and non-local means on noisy copies of ``scan`` (foreground)."""
     mask = foreground_mask(scan.array)
     rows = []
-    for level in levels:
+    for index, level in enumerate(levels):
         noisy = noisy_volume(scan.array, scan.modality, level)
 
         def score(result: np.ndarray) -> float:
@@ -140,9 +155,18 @@ def denoising_rows(
             "noisy input": noisy,
             "model": denoise_array(net, hparams, noisy.astype(np.float32), scan.modality, settings),
             "gaussian": gaussian_denoise(noisy, score)[1],
-            "nl-means": nlm_denoise(noisy, score)[1],
+            "nl-means": nlm_denoise(noisy, score, noise_sigma(scan.array, scan.modality, level))[1],
         }
         setting = f"sigma {level:g} HU" if scan.modality == "CT" else f"rician {level:g}"
+        if figure_dir is not None and index == 0:
+            comparison_figure(
+                scan.array,
+                parse_axis("auto", scan.spacing),
+                {"ground truth": scan.array, **results},
+                figure_dir / f"denoise_{scan.name}.png",
+                f"{scan.name}: {setting} noise",
+                error_range=0.15,
+            )
         for method, result in results.items():
             rows.append(
                 ScoreRow(
@@ -230,7 +254,7 @@ def run_evaluation(args: object, settings: RepairSettings) -> str:
             rows += inpainting_rows(net, hparams, scan, args.widths, args.gaps, settings, rng, output / "figures")
         if "denoise" in args.tasks:
             levels = args.ct_noise if scan.modality == "CT" else args.mr_noise
-            rows += denoising_rows(net, hparams, scan, levels, settings)
+            rows += denoising_rows(net, hparams, scan, levels, settings, output / "figures")
         print(f"evaluated {scan.name}", flush=True)
     table = summarise(rows)
     output.mkdir(parents=True, exist_ok=True)

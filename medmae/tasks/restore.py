@@ -137,9 +137,7 @@ class MAERestoreTask(L.LightningModule):
         mae, pre_hparams = load_pretrained_mae(pretrained, tasks=MAE_TASKS)
         mae.train().norm_pix_loss = False  # restoration regresses normalised intensities directly
         refiner = make_refiner(self.hparams)
-        same_refiner = all(
-            pre_hparams.get(key, default) == self.hparams[key] for key, default in REFINER_KEYS.items()
-        )
+        same_refiner = all(pre_hparams.get(key, default) == self.hparams[key] for key, default in REFINER_KEYS.items())
         if refiner is not None and pre_hparams.get("task") == TASK_NAME and same_refiner:
             load_refiner_state(pretrained, refiner)
         self.model = mae

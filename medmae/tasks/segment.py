@@ -133,8 +133,13 @@ class SegmentTask(L.LightningModule):
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         self.config: MAEConfig = mae_config(
-            preset, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
-            num_heads=num_heads, mlp_dim=mlp_dim,
+            preset,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
         )
         self.hparams["model_config"] = self.config.to_dict()
         self.transfer_report: dict[str, list[str]] = {"missing": [], "unexpected": []}
@@ -147,12 +152,16 @@ class SegmentTask(L.LightningModule):
         hp = self.hparams
         if hp.arch != "vit":
             return build_cnn(hp.arch, self.config.in_channels, hp.num_classes, hp.feature_size)
-        model = UNETR3D(ViT3DEncoder(**self.config.encoder_kwargs()), hp.num_classes, hp.feature_layers, hp.feature_size)
+        model = UNETR3D(
+            ViT3DEncoder(**self.config.encoder_kwargs()), hp.num_classes, hp.feature_layers, hp.feature_size
+        )
         if hp.pretrained:
             self.transfer_report = transfer_encoder(model, load_pretrained_encoder(hp.pretrained, self.config))
             log.info(
                 "loaded %d pretrained encoder tensors from %s; %d decoder tensors start from scratch",
-                len(model.encoder.state_dict()), hp.pretrained, len(self.transfer_report["missing"]),
+                len(model.encoder.state_dict()),
+                hp.pretrained,
+                len(self.transfer_report["missing"]),
             )
         return model
 
@@ -207,8 +216,13 @@ class SegmentTask(L.LightningModule):
         """Sliding-window logits ``(B, classes, *spatial)`` of a whole ``(B, C, *spatial)`` volume."""
         roi = self.hparams.get("roi_size") or [m * 4 for m in self.input_multiple]
         return sliding_window_inference(
-            volume, tuple(roi), self.hparams.sw_batch_size, self, overlap=self.hparams.sw_overlap,
-            mode="gaussian", progress=progress,
+            volume,
+            tuple(roi),
+            self.hparams.sw_batch_size,
+            self,
+            overlap=self.hparams.sw_overlap,
+            mode="gaussian",
+            progress=progress,
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -235,7 +249,11 @@ class SegmentTask(L.LightningModule):
         groups = param_groups(self.model.named_parameters(), hp.weight_decay, self.lr_scale)
         if hp.freeze_encoder_steps < 0 and hp.arch == "vit":
             encoder = {id(p) for p in self.model.encoder.parameters()}
-            groups = [g for g in ({**g, "params": [p for p in g["params"] if id(p) not in encoder]} for g in groups) if g["params"]]
+            groups = [
+                g
+                for g in ({**g, "params": [p for p in g["params"] if id(p) not in encoder]} for g in groups)
+                if g["params"]
+            ]
         optimizer = make_adamw(groups, hp.lr, (0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
@@ -245,7 +263,11 @@ class SegmentTask(L.LightningModule):
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
         best = ModelCheckpoint(
-            filename="best-{step}", monitor="val/dice", mode="max", save_top_k=1, save_last=True,
+            filename="best-{step}",
+            monitor="val/dice",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
             auto_insert_metric_name=False,
         )
         callbacks: list[L.Callback] = [best]

@@ -39,9 +39,17 @@ def fit_segmenter(
     datamodule = SegDataModule(**data)
     task = SegmentTask(**model)
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, default_root_dir=str(workdir), logger=False,
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=val_every or max_steps,
-        check_val_every_n_epoch=None, gradient_clip_val=1.0, num_sanity_val_steps=0,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(workdir),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=val_every or max_steps,
+        check_val_every_n_epoch=None,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(task, datamodule=datamodule)
     callback = trainer.checkpoint_callback
@@ -61,16 +69,26 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray,
         x, y, z = index
         return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
 
-    centre = tuple(int(c) for c in np.round(np.argwhere(truth > 0).mean(0))) if truth.any() else tuple(
-        s // 2 for s in truth.shape)
+    centre = (
+        tuple(int(c) for c in np.round(np.argwhere(truth > 0).mean(0)))
+        if truth.any()
+        else tuple(s // 2 for s in truth.shape)
+    )
     figure, axes = plt.subplots(2, 3, figsize=(9, 6))
     low, high = np.percentile(image, [1, 99])
     for row, (name, labels) in enumerate((("truth", truth), ("prediction", prediction))):
         for col, (img, lab) in enumerate(zip(slices(image, centre), slices(labels, centre))):
             axis = axes[row, col]
             axis.imshow(img, cmap="gray", vmin=low, vmax=high, origin="lower")
-            axis.imshow(np.ma.masked_equal(lab, 0), cmap="tab10", vmin=0, vmax=9, alpha=0.5, origin="lower",
-                        interpolation="nearest")
+            axis.imshow(
+                np.ma.masked_equal(lab, 0),
+                cmap="tab10",
+                vmin=0,
+                vmax=9,
+                alpha=0.5,
+                origin="lower",
+                interpolation="nearest",
+            )
             axis.set_xticks([])
             axis.set_yticks([])
             if col == 0:
@@ -96,10 +114,24 @@ def run_segmentation_demo(workdir: Path, pretrain_ckpt: Path, manifest: Path, ma
         ``{"figure", "dice" (mean over foreground classes), "dice_per_class", "checkpoint", "scan", "train_scans"}``.
     """
     workdir = Path(workdir)
-    data = {"manifest": str(manifest), "num_classes": 3, "num_labeled": 5, "roi_size": [32, 32, 32],
-            "spacing": None, "batch_size": 2, "test_fraction": 0.2, "val_fraction": 0.1, "preprocess_workers": 1}
-    model = {**TINY_MODEL, "num_classes": 3, "pretrained": str(pretrain_ckpt), "lr": 2e-3,
-             "warmup_steps": max(1, max_steps // 10)}
+    data = {
+        "manifest": str(manifest),
+        "num_classes": 3,
+        "num_labeled": 5,
+        "roi_size": [32, 32, 32],
+        "spacing": None,
+        "batch_size": 2,
+        "test_fraction": 0.2,
+        "val_fraction": 0.1,
+        "preprocess_workers": 1,
+    }
+    model = {
+        **TINY_MODEL,
+        "num_classes": 3,
+        "pretrained": str(pretrain_ckpt),
+        "lr": 2e-3,
+        "warmup_steps": max(1, max_steps // 10),
+    }
     checkpoint, datamodule = fit_segmenter(workdir / "finetune", model, data, max_steps, max(1, max_steps // 3))
     record = datamodule.splits.test[0]
     labels = segment_volume(load_segmenter(checkpoint), record.image[0])
@@ -107,9 +139,17 @@ def run_segmentation_demo(workdir: Path, pretrain_ckpt: Path, manifest: Path, ma
     scores = score_case(labels, truth, 3, record.id)
     dice = float(np.nanmean(scores.dice))
     figure = overlay_figure(
-        read_volume(record.image[0]).array[0], truth.array[0], labels.array[0],
+        read_volume(record.image[0]).array[0],
+        truth.array[0],
+        labels.array[0],
         f"{record.id} (held out): Dice {dice:.2f} after fine-tuning on {len(datamodule.splits.train)} scans",
         workdir / "segmentation.png",
     )
-    return {"figure": figure, "dice": dice, "dice_per_class": scores.dice, "checkpoint": checkpoint,
-            "scan": record.id, "train_scans": [r.id for r in datamodule.splits.train]}
+    return {
+        "figure": figure,
+        "dice": dice,
+        "dice_per_class": scores.dice,
+        "checkpoint": checkpoint,
+        "scan": record.id,
+        "train_scans": [r.id for r in datamodule.splits.train],
+    }

@@ -128,20 +128,71 @@ def pretrain_step(result: DemoResult, max_steps: int, max_minutes: float, seed: 
     )
 
 
-def repair_step(result: DemoResult, seed: int) -> None:
-    """Zero a 3-slice gap in a held-out scan, repair it with the pretrained MAE, compare with interpolation."""
+def restoration_finetune(result: DemoResult, seed: int, max_steps: int) -> Path:
+    """Fine-tune the pretrained MAE for slice inpainting (guided: a learned residual over interpolation)."""
+    import lightning as L
+
+    from medmae.data.datamodule import PretrainDataModule
+    from medmae.tasks.restore import MAERestoreTask
+
+    L.seed_everything(seed, verbose=False)
+    task = MAERestoreTask(
+        pretrained=str(result.checkpoint),
+        mode="inpaint",
+        modality="MR",
+        refine_depth=4,
+        guided=True,
+        gap_axes=[2],
+        region_prob=0.1,
+        mae_loss_weight=0.2,
+        lr=1e-3,
+        warmup_steps=max(1, max_steps // 10),
+        seed=seed,
+    )
+    data = PretrainDataModule(
+        str(result.manifest),
+        roi_size=[32, 32, 32],
+        spacing=None,
+        batch_size=4,
+        val_fraction=0.15,
+        seed=seed,
+        samples_per_epoch=64,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="auto",
+        devices=1,
+        default_root_dir=str(result.output_dir / "restore"),
+        logger=False,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        gradient_clip_val=1.0,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=data)
+    return Path(trainer.checkpoint_callback.last_model_path)
+
+
+def repair_step(result: DemoResult, seed: int, max_steps: int = 300) -> None:
+    """Zero a 3-slice gap in a held-out scan; repair it with the plain pretrained MAE and with a briefly
+    fine-tuned restoration model; compare both with linear interpolation."""
     from medmae.restore.demo import run_repair_demo
 
     if not result.held_out or result.checkpoint is None:
         return
-    repair = run_repair_demo(result.output_dir, result.checkpoint, result.held_out[0])
+    scan = result.held_out[0]
+    plain = run_repair_demo(result.output_dir / "plain", result.checkpoint, scan)
+    restore_ckpt = restoration_finetune(result, seed, max_steps)
+    repair = run_repair_demo(result.output_dir, restore_ckpt, scan)
     result.figures["repair"] = Path(repair["figure"])
-    result.numbers["repair PSNR in gap, MAE (dB)"] = repair["psnr_model"]
+    result.numbers["repair PSNR in gap, plain MAE (dB)"] = plain["psnr_model"]
+    result.numbers["repair PSNR in gap, restoration (dB)"] = repair["psnr_model"]
     result.numbers["repair PSNR in gap, linear (dB)"] = repair["psnr_linear"]
     result.lines.append(
-        f"zeroed slices {repair['slices']} (axis {repair['axis']}) of held-out {result.held_out[0].name} and "
-        f"repaired them: {repair['psnr_model']:.1f} dB (MAE) vs {repair['psnr_linear']:.1f} dB (linear "
-        f"interpolation) PSNR in the gap; {repair['repaired']}"
+        f"zeroed slices {repair['slices']} (axis {repair['axis']}) of held-out {scan.name} and repaired them: "
+        f"{plain['psnr_model']:.1f} dB with the plain pretrained MAE, {repair['psnr_model']:.1f} dB after "
+        f"{max_steps} restoration fine-tuning steps, {repair['psnr_linear']:.1f} dB by linear interpolation "
+        f"(PSNR in the gap); {repair['repaired']}"
     )
 
 
@@ -188,11 +239,11 @@ def summary(result: DemoResult) -> str:
     out += [f"- {line}" for line in result.lines]
     if result.numbers:
         out.append("numbers:")
-        out += [f"  {name:<32} {value:.4f}" for name, value in result.numbers.items()]
+        out += [f"  {name:<40} {value:.4f}" for name, value in result.numbers.items()]
     out.append("files:")
     if result.checkpoint:
-        out.append(f"  {'checkpoint':<32} {result.checkpoint}")
-    out += [f"  {name:<32} {path}" for name, path in result.figures.items()]
-    out.append(f"  {'everything':<32} {result.output_dir}")
+        out.append(f"  {'checkpoint':<40} {result.checkpoint}")
+    out += [f"  {name:<40} {path}" for name, path in result.figures.items()]
+    out.append(f"  {'everything':<40} {result.output_dir}")
     out.append("next: medmae pretrain --help   (train on your own archive)")
     return "\n".join(str(line) for line in out)

@@ -11,6 +11,14 @@ DATA = ROOT.parent / "shared" / "data"
 HIPPO = DATA / "hippocampus"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite runs in parallel workers (`pytest -n 2` on 2 cores): one torch thread each avoids
+    # oversubscription, which makes small-model steps orders of magnitude slower.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not DATA.is_dir():
         skip = pytest.mark.skip(reason=f"real sample data not found at {DATA}")

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(MEDMAE), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from monai.data import DataLoader
 from monai.transforms import Compose
 from monai.utils import convert_to_tensor
-from monai.data import DataLoader
 from torch.utils.data import Dataset
 
 from medmae.data.manifest import ScanRecord, read_manifest

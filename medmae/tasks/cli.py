@@ -41,8 +41,8 @@ def task_classes(name: str) -> tuple[type, type]:
 def wandb_logger(mode: str, save_dir: str) -> object:
     """A WandbLogger; ``offline`` runs with no account or network (sync later with ``wandb sync``)."""
     try:
-        from lightning.pytorch.loggers import WandbLogger
         import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
     except ImportError:
         raise ValueError("--wandb needs the wandb package: pip install 'medmae[wandb]'") from None
     if mode == "offline":

@@ -64,3 +64,11 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def step_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float
+) -> dict[str, object]:
+    """Lightning's ``lr_scheduler`` entry: :func:`warmup_cosine` stepped every optimizer step."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, min_ratio))
+    return {"scheduler": schedule, "interval": "step"}

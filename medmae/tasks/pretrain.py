@@ -10,7 +10,8 @@ import torch
 from medmae.models.mae import MAEOutput, MaskedAutoencoder3D
 from medmae.models.masking import MaskingConfig
 from medmae.models.presets import MAEConfig, build_mae, mae_config
-from medmae.tasks.optim import make_adamw, param_groups, warmup_cosine
+from medmae.tasks.callbacks import checkpoint_callbacks
+from medmae.tasks.optim import make_adamw, param_groups, step_schedule
 
 TASK_NAME = "mae-pretrain"
 
@@ -131,24 +132,12 @@ class MAEPretrainTask(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = make_adamw(param_groups(self.model.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas))
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1000
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
+        schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
         from medmae.tasks.figures import ReconstructionFigures
 
-        best = ModelCheckpoint(
-            filename="best-{step}",
-            monitor="val/loss",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
-            auto_insert_metric_name=False,
-        )
-        callbacks: list[L.Callback] = [best, ReconstructionFigures(self.hparams.figure_every_n_steps)]
-        if self.trainer is not None and self.trainer.loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return callbacks
+        figures = ReconstructionFigures(self.hparams.figure_every_n_steps)
+        return [*checkpoint_callbacks(self._trainer, "val/loss"), figures]

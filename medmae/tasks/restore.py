@@ -17,7 +17,8 @@ import torch
 from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
 from medmae.restore.net import Refiner, RestorationNet
-from medmae.tasks.optim import make_adamw, param_groups, warmup_cosine
+from medmae.tasks.callbacks import checkpoint_callbacks
+from medmae.tasks.optim import make_adamw, param_groups, step_schedule
 
 TASK_NAME = "mae-restore"
 MAE_TASKS = ("mae-pretrain", TASK_NAME)
@@ -228,17 +229,12 @@ class MAERestoreTask(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = make_adamw(param_groups(self.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas))
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 1000
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
+        schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        best = ModelCheckpoint(
-            filename="best-{step}", monitor="val/loss", save_last=True, auto_insert_metric_name=False
-        )
-        return [best]
+        return checkpoint_callbacks(self._trainer, "val/loss")
 
 
 def load_restoration_net(path: str) -> tuple[RestorationNet, dict]:

@@ -23,7 +23,8 @@ from medmae.models.presets import MAEConfig, mae_config
 from medmae.models.seg_baselines import CNN_KINDS, build_cnn
 from medmae.models.unetr import UNETR3D
 from medmae.models.vit import ViT3DEncoder
-from medmae.tasks.optim import make_adamw, param_groups, warmup_cosine
+from medmae.tasks.callbacks import checkpoint_callbacks
+from medmae.tasks.optim import make_adamw, param_groups, step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -256,21 +257,8 @@ class SegmentTask(L.LightningModule):
             ]
         optimizer = make_adamw(groups, hp.lr, (0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-        best = ModelCheckpoint(
-            filename="best-{step}",
-            monitor="val/dice",
-            mode="max",
-            save_top_k=1,
-            save_last=True,
-            auto_insert_metric_name=False,
-        )
-        callbacks: list[L.Callback] = [best]
-        if self.trainer is not None and self.trainer.loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return callbacks
+        return checkpoint_callbacks(self._trainer, "val/dice", mode="max")

@@ -197,9 +197,11 @@ def _repair_mask(args: argparse.Namespace, volume):
 def run_inpaint(args: argparse.Namespace) -> int:
     from medmae.inference.repair import inpaint_volume
     from medmae.io import read_volume, write_volume
+    from medmae.io.readers import require_signal
     from medmae.tasks.restore import load_restoration_net
 
     volume = read_volume(args.input)
+    require_signal(volume)
     mask = _repair_mask(args, volume)
     net, hparams = load_restoration_net(args.ckpt)
     repaired = inpaint_volume(net, hparams, volume, mask, args.modality, _settings(args))
@@ -211,9 +213,11 @@ def run_inpaint(args: argparse.Namespace) -> int:
 def run_denoise(args: argparse.Namespace) -> int:
     from medmae.inference.repair import denoise_volume
     from medmae.io import read_volume, write_volume
+    from medmae.io.readers import require_signal
     from medmae.tasks.restore import load_restoration_net
 
     volume = read_volume(args.input)
+    require_signal(volume)
     net, hparams = load_restoration_net(args.ckpt)
     path = write_volume(denoise_volume(net, hparams, volume, args.modality, _settings(args)), args.output)
     print(f"wrote {path}")

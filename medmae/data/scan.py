@@ -69,14 +69,27 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a symlink loop or an unreadable link."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
 def list_files(root: Path, skip: set[Path]) -> list[Path]:
-    """Every regular file under ``root`` (sorted), without hidden files and medmae's own outputs."""
+    """Every regular file under ``root`` (sorted), without hidden files and medmae's own outputs.
+
+    Broken symbolic links (dangling or looping) are listed too, so that the report names them.
+    """
     found = []
     for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _resolved(Path(folder) / d) not in skip)
         for name in sorted(names):
             path = Path(folder) / name
-            if not name.startswith(".") and path.resolve() not in skip and path.is_file():
+            if name.startswith(".") or _resolved(path) in skip:
+                continue
+            if path.is_file() or path.is_symlink():
                 found.append(path)
     return found
 
@@ -110,7 +123,11 @@ def save_state(path: Path, key: str, entries: list[dict[str, Any]]) -> None:
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+    """Size and modification time; ``(-1, -1)`` for a broken link, which is then read (and reported)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, -1
     return stat.st_size, stat.st_mtime_ns
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medmae.data.seg_datamodule import run_pipeline
 from medmae.data.transforms import IntensityConfig, preprocessing_transforms
-from medmae.io.readers import read_volume, volume_format
+from medmae.io.readers import read_volume, require_signal, volume_format
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import write_volume
 from medmae.models.checkpoint import CheckpointError, checkpoint_task, load_checkpoint
@@ -90,6 +90,7 @@ def label_dtype(num_classes: int) -> np.dtype:
 def segment_volume(model: SegmentTask, path: str | Path, progress: bool = False) -> Volume:
     """Segment one scan (file or DICOM folder); returns the label map ``(1, I, J, K)`` on its grid."""
     reference = read_volume(path)
+    require_signal(reference)
     image = run_pipeline(inference_transforms(model.hparams), {"image": str(path)}, str(path))["image"]
     labels = to_input_grid(predict_probabilities(model, image, progress), reference)
     return reference.with_array(labels[None].astype(label_dtype(model.hparams.num_classes)))

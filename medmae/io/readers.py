@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +23,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mhd"}
+# the memory budget of one read: 2**31 voxels is a 1290^3 volume, 8 GiB as float32
+MAX_VOXELS = 2**31
+# what nibabel raises for a malformed header (none of them a ValueError)
+NIBABEL_ERRORS = (nib.filebasedimages.ImageFileError, nib.wrapstruct.WrapStructError, nib.spatialimages.HeaderDataError)
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 
 
@@ -65,22 +73,58 @@ def _check_spatial(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
             f"{path}: degenerate geometry (voxel spacing {np.round(spacing, 6).tolist()}); "
             "spacing must be positive and the axes independent"
         )
+    axes = affine[:3, :3] / spacing
+    if np.abs(axes.T @ axes - np.eye(3)).max() > 1e-3:
+        raise VolumeError(
+            f"{path}: the affine is not orthogonal (sheared axes); medmae, ITK and nnU-Net need orthogonal "
+            "voxel axes: resample the scan onto an orthogonal grid first"
+        )
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """``nib.load``, but a ``.nii.gz`` is decompressed in one call (about twice as fast as streaming it)."""
-    if not path.name.lower().endswith(".gz"):
-        return nib.load(str(path), mmap=False)  # in memory: a later rename over the file cannot break the array
-    try:
-        data = gunzip(path.read_bytes())
-    except GzipError as error:
-        raise OSError(f"corrupt gzip data ({error})") from None
+def check_budget(path: Path, shape: Sequence[int], max_voxels: int | None) -> None:
+    """Refuse a declared ``shape`` above ``max_voxels`` voxels before any voxel is allocated."""
+    voxels = math.prod(int(s) for s in shape)
+    if max_voxels is not None and voxels > max_voxels:
+        raise VolumeError(
+            f"{path}: declares {tuple(shape)} = {voxels:.3g} voxels ({voxels * 4 / 2**30:.3g} GiB as float32), "
+            f"above the memory budget of {max_voxels:.3g} voxels; crop or downsample it first"
+        )
+
+
+def _load_nifti(path: Path, max_voxels: int | None) -> nib.Nifti1Image:
+    """The file read into memory (a ``.nii.gz`` decompressed in one call, twice as fast as streaming it).
+
+    In memory, a later rename over the file cannot break the array. The raw header is checked before the
+    voxels are decoded: declared size against the file's bytes and the memory budget, zero spacing.
+    """
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            data = gunzip(data)
+        except GzipError as error:
+            raise OSError(f"corrupt gzip data ({error})") from None
     image_class = nib.Nifti2Image if data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+    size = image_class.header_class.sizeof_hdr
+    if len(data) < size:
+        raise VolumeError(f"{path}: {len(data)} bytes, shorter than a NIfTI header ({size} bytes); the file is cut")
+    header = image_class.header_class(data[:size], check=False)
+    shape, itemsize = header.get_data_shape(), header.get_data_dtype().itemsize
+    check_budget(path, shape, max_voxels)
+    needed = int(header["vox_offset"]) + math.prod(shape) * itemsize
+    if needed > len(data):
+        raise VolumeError(
+            f"{path}: the header declares {tuple(shape)} voxels ({needed} bytes) but the data holds {len(data)} "
+            "bytes; the file is truncated or its header is wrong"
+        )
+    if len(shape) >= 3 and np.any(header["pixdim"][1:4] == 0):
+        raise VolumeError(
+            f"{path}: voxel spacing (pixdim) {header['pixdim'][1:4].tolist()} has a zero; spacing must be positive"
+        )
     return image_class.from_bytes(data)
 
 
-def _read_nifti(path: Path) -> Volume:
-    image = _load_nifti(path)
+def _read_nifti(path: Path, max_voxels: int | None) -> Volume:
+    image = _load_nifti(path, max_voxels)
     header = image.header
     shape = image.shape
     if len(shape) == 2:
@@ -118,10 +162,11 @@ def _from_itk(image: sitk.Image, path: Path, fmt: str, header: dict[str, str]) -
     return Volume(array, affine, path, fmt, header)
 
 
-def _read_itk_file(path: Path, fmt: str) -> Volume:
+def _read_itk_file(path: Path, fmt: str, max_voxels: int | None) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
+    check_budget(path, reader.GetSize(), max_voxels)
     if reader.GetDimension() == 2:
         raise VolumeError(f"{path}: image is 2D (size {reader.GetSize()}); medmae needs 3D volumes")
     image = reader.Execute()
@@ -158,11 +203,67 @@ def read_dicom_series(files: list[str], name: Path) -> Volume:
     return _from_itk(image, name, "dicom", {})
 
 
-def read_volume(path: str | Path) -> Volume:
+def require_signal(volume: Volume) -> None:
+    """Refuse a volume a single-scan command cannot use: NaN/Inf voxels, or one constant value.
+
+    ``volume.array`` is ``(C, I, J, K)``. The archive scan keeps such scans with a note; a command that writes
+    a repaired or segmented copy would turn them into fabricated or non-finite voxels.
+    """
+    finite = np.isfinite(volume.array)
+    if not finite.all():
+        raise VolumeError(
+            f"{volume.name}: {int(finite.size - finite.sum())} of {finite.size} voxels are NaN or Inf; "
+            "replace them (e.g. with the background value) before running this command"
+        )
+    low, high = volume.array.min(), volume.array.max()
+    if low == high:
+        raise VolumeError(f"{volume.name}: the image is constant (every voxel is {low}); it holds no anatomy")
+
+
+def _regular_dicom_files(folder: Path) -> list[str]:
+    """The series' files; a series with missing slices or a gantry tilt is refused (the archive scan resamples)."""
+    from medmae.data.dicom import SeriesRejected, plan_series, read_geometry
+
+    files = dicom_series_files(folder)
+    try:
+        plan = plan_series(files, read_geometry(files), min_slices=2, max_gap_ratio=np.inf, max_tilt_deg=90.0)
+    except SeriesRejected as error:
+        raise VolumeError(f"{folder}: {error.reason}; the DICOM series cannot be read as one volume") from None
+    if plan.resample:
+        problems = "; ".join(note.split(" resampled")[0] for note in plan.notes)
+        raise VolumeError(
+            f"{folder}: the slices are not on a regular grid ({problems}: missing slices or a gantry tilt); "
+            "run `medmae manifest scan` on the folder, which resamples the series onto a regular grid"
+        )
+    return plan.files
+
+
+def _open_error(path: Path) -> VolumeError:
+    """Why an existing-looking path cannot be opened: a symbolic link loop, a dangling link, or missing."""
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return VolumeError(f"{path}: a symbolic link loop (the link points back to itself); give the real file")
+    if path.is_symlink():
+        return VolumeError(f"{path}: file not found (a symbolic link to {os.readlink(path)}, which does not exist)")
+    return VolumeError(f"{path}: file not found")
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a reader's error (ITK's first line names its own source file, its last the cause)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Exception thrown in SimpleITK"):
+        return lines[-1].removeprefix("sitk::ERROR:").removeprefix("itk::ERROR:").strip()
+    return lines[0] if lines else type(error).__name__
+
+
+def read_volume(path: str | Path, max_voxels: int | None = MAX_VOXELS) -> Volume:
     """Read one scan with its geometry.
 
     Args:
         path: a NIfTI/NRRD/MHA/MHD file or a folder holding a single DICOM series.
+        max_voxels: the memory budget; a larger declared size is refused before any allocation (None: no limit).
 
     Returns:
         The volume, ``array`` shaped ``(C, I, J, K)`` in the file's dtype. It is usually a strided view
@@ -174,16 +275,27 @@ def read_volume(path: str | Path) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise VolumeError(f"{path}: file not found")
+        raise _open_error(path)
     fmt = volume_format(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise VolumeError(f"{path}: the file is empty (0 bytes); expected a valid {SUPPORTED}")
+    if fmt != "dicom" and path.is_dir():
+        raise VolumeError(f"{path}: a folder, not a {fmt} file; a folder is read only as a DICOM series")
     try:
         if fmt == "nifti":
-            return _read_nifti(path)
+            return _read_nifti(path, max_voxels)
         if fmt == "dicom":
-            return read_dicom_series(dicom_series_files(path), path)
-        return _read_itk_file(path, fmt)
+            files = _regular_dicom_files(path)
+            first = sitk.ImageFileReader()
+            first.SetFileName(files[0])
+            first.ReadImageInformation()
+            check_budget(path, (len(files), *first.GetSize()), max_voxels)
+            return read_dicom_series(files, path)
+        return _read_itk_file(path, fmt, max_voxels)
     except VolumeError:
         raise
-    except (OSError, EOFError, RuntimeError, ValueError, nib.filebasedimages.ImageFileError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except PermissionError:
+        raise VolumeError(f"{path}: permission denied; medmae needs read access to the file") from None
+    except (OSError, EOFError, RuntimeError, ValueError, *NIBABEL_ERRORS) as error:
+        first_line = _reason(error)
         raise VolumeError(f"{path}: cannot read as {fmt} ({first_line}); expected a valid {SUPPORTED}") from None

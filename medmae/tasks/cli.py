@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -63,18 +65,26 @@ def fit_with_cli(
         "default_root_dir": f"runs/{task}",
         "log_every_n_steps": 10,
     }
+    usage_errors = io.StringIO()
     try:
-        cli = LightningCLI(
-            module_class,
-            data_class,
-            args=list(argv),
-            run=False,
-            trainer_defaults=trainer_defaults,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": f"medmae {task}"},
-        )
+        # argparse prints its whole usage before an error; keep only the error line (--help is untouched)
+        with contextlib.redirect_stderr(usage_errors):
+            cli = LightningCLI(
+                module_class,
+                data_class,
+                args=list(argv),
+                run=False,
+                trainer_defaults=trainer_defaults,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": f"medmae {task}"},
+            )
     except SystemExit as exit_:
+        errors = [line for line in usage_errors.getvalue().splitlines() if line.startswith("error:")]
+        if exit_.code:
+            message = errors[-1].removeprefix("error: ") if errors else "invalid arguments"
+            print(f"medmae: error: {task}: {message} (see `medmae {task} --help`)", file=sys.stderr)
         return int(exit_.code or 0)
+    sys.stderr.write(usage_errors.getvalue())
     trainer = cli.trainer
     if wandb:
         trainer.loggers = [*trainer.loggers, wandb_logger(wandb, trainer.default_root_dir)]

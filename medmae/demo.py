@@ -11,12 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from medmae.data.datamodule import PretrainDataModule
 
 DEMO_DATASET = "hippocampus"
 PATCH = 8  # 32^3 crops of ~35x50x35 scans: 64 patches, 16 visible
@@ -63,12 +66,26 @@ def loss_curve(metrics_csv: Path, output: Path) -> Path:
     return output
 
 
+def crop_datamodule(manifest: Path, seed: int) -> PretrainDataModule:
+    """32³ crops of the bundled scans at their own 1 mm spacing, 15 % of the scans held out."""
+    from medmae.data.datamodule import PretrainDataModule
+
+    return PretrainDataModule(
+        str(manifest),
+        roi_size=[32, 32, 32],
+        spacing=None,
+        batch_size=4,
+        val_fraction=0.15,
+        seed=seed,
+        samples_per_epoch=64,
+    )
+
+
 def pretrain_step(result: DemoResult, max_steps: int, max_minutes: float, seed: int) -> None:
     """Pretrain a small MAE on the bundled scans; fills the checkpoint, figures and loss numbers."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from medmae.data.datamodule import PretrainDataModule
     from medmae.data.manifest import read_manifest
     from medmae.tasks.pretrain import MAEPretrainTask
 
@@ -83,15 +100,7 @@ def pretrain_step(result: DemoResult, max_steps: int, max_minutes: float, seed: 
         seed=seed,
         figure_every_n_steps=max(1, max_steps // 4),
     )
-    data = PretrainDataModule(
-        str(result.manifest),
-        roi_size=[32, 32, 32],
-        spacing=None,
-        batch_size=4,
-        val_fraction=0.15,
-        seed=seed,
-        samples_per_epoch=64,
-    )
+    data = crop_datamodule(result.manifest, seed)
     trainer = L.Trainer(
         max_steps=max_steps,
         max_time={"minutes": max_minutes},
@@ -132,7 +141,6 @@ def restoration_finetune(result: DemoResult, seed: int, max_steps: int) -> Path:
     """Fine-tune the pretrained MAE for slice inpainting (guided: a learned residual over interpolation)."""
     import lightning as L
 
-    from medmae.data.datamodule import PretrainDataModule
     from medmae.tasks.restore import MAERestoreTask
 
     L.seed_everything(seed, verbose=False)
@@ -149,15 +157,7 @@ def restoration_finetune(result: DemoResult, seed: int, max_steps: int) -> Path:
         warmup_steps=max(1, max_steps // 10),
         seed=seed,
     )
-    data = PretrainDataModule(
-        str(result.manifest),
-        roi_size=[32, 32, 32],
-        spacing=None,
-        batch_size=4,
-        val_fraction=0.15,
-        seed=seed,
-        samples_per_epoch=64,
-    )
+    data = crop_datamodule(result.manifest, seed)
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="auto",

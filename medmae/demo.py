@@ -38,6 +38,7 @@ class DemoResult:
     manifest: Path
     checkpoint: Path | None = None
     held_out: list[Path] = field(default_factory=list)
+    finetune_steps: int | None = None  # overrides the repair/segmentation steps' defaults (quick runs, tests)
     figures: dict[str, Path] = field(default_factory=dict)
     numbers: dict[str, float] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
@@ -173,7 +174,7 @@ def restoration_finetune(result: DemoResult, seed: int, max_steps: int) -> Path:
     return Path(trainer.checkpoint_callback.last_model_path)
 
 
-def repair_step(result: DemoResult, seed: int, max_steps: int = 300) -> None:
+def repair_step(result: DemoResult, seed: int) -> None:
     """Zero a 3-slice gap in a held-out scan; repair it with the plain pretrained MAE and with a briefly
     fine-tuned restoration model; compare both with linear interpolation."""
     from medmae.restore.demo import run_repair_demo
@@ -181,6 +182,7 @@ def repair_step(result: DemoResult, seed: int, max_steps: int = 300) -> None:
     if not result.held_out or result.checkpoint is None:
         return
     scan = result.held_out[0]
+    max_steps = result.finetune_steps or 300
     plain = run_repair_demo(result.output_dir / "plain", result.checkpoint, scan)
     restore_ckpt = restoration_finetune(result, seed, max_steps)
     repair = run_repair_demo(result.output_dir, restore_ckpt, scan)
@@ -196,12 +198,13 @@ def repair_step(result: DemoResult, seed: int, max_steps: int = 300) -> None:
     )
 
 
-def segmentation_step(result: DemoResult, seed: int, max_steps: int = 150) -> None:
+def segmentation_step(result: DemoResult, seed: int) -> None:
     """Fine-tune the pretrained encoder on 5 labelled bundled scans and segment a held-out one."""
     from medmae.tasks.segment_demo import run_segmentation_demo
 
     if result.checkpoint is None:
         return
+    max_steps = result.finetune_steps or 150
     segmentation = run_segmentation_demo(result.output_dir / "segment", result.checkpoint, result.manifest, max_steps)
     result.figures["segmentation"] = Path(segmentation["figure"])
     result.numbers["segmentation Dice, held-out scan"] = segmentation["dice"]
@@ -216,7 +219,9 @@ def segmentation_step(result: DemoResult, seed: int, max_steps: int = 150) -> No
 EXTRA_STEPS: dict[str, Callable[[DemoResult, int], None]] = {"repair": repair_step, "segmentation": segmentation_step}
 
 
-def run_demo(output_dir: Path, max_steps: int = 1000, max_minutes: float = 4.0, seed: int = 0) -> DemoResult:
+def run_demo(
+    output_dir: Path, max_steps: int = 1000, max_minutes: float = 4.0, seed: int = 0, finetune_steps: int | None = None
+) -> DemoResult:
     """Run every demo step into ``output_dir`` and return what was produced."""
     from medmae.data.manifest import write_manifest
     from medmae.data.msd import records_from_msd
@@ -225,7 +230,7 @@ def run_demo(output_dir: Path, max_steps: int = 1000, max_minutes: float = 4.0, 
     output_dir.mkdir(parents=True, exist_ok=True)
     records = records_from_msd(demo_data_dir() / "dataset.json")
     manifest = write_manifest(records, output_dir / "manifest.jsonl", relative=False)
-    result = DemoResult(output_dir, manifest)
+    result = DemoResult(output_dir, manifest, finetune_steps=finetune_steps)
     result.lines.append(f"built a manifest of {len(records)} bundled real MRI scans: {manifest}")
     pretrain_step(result, max_steps, max_minutes, seed)
     for step in EXTRA_STEPS.values():

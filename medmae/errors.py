@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+# what one bad scan raises (unreadable, no signal, bad label, too big for memory): a command over many scans
+# skips that scan and reports it; anything else is a real crash
+SCAN_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
+
 
 def report_error(error: BaseException) -> int:
     """Print ``error`` as ``medmae: error: ...`` on stderr and return exit code 2.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from tests.corpus_ingest import DICOMDIR_TESTS, PYDICOM_FILES, copy_files, real_series_files, tilted_copy
 
@@ -189,3 +190,76 @@ def signal_kinds(root: Path) -> Expected:
 def write_bad_scans(root: Path) -> Expected:
     """Every single-scan kind of :data:`SCAN_KINDS` under ``root``."""
     return {**file_kinds(root / "files"), **content_kinds(root / "content"), **signal_kinds(root / "signal")}
+
+
+class CodeOnLoad:
+    """Unpickling this runs ``print``: a checkpoint holding it must be refused, never loaded."""
+
+    def __reduce__(self) -> tuple:
+        return (print, ("executed!",))
+
+
+def save_lightning(path: Path, state: dict, hparams: dict) -> Path:
+    """A checkpoint with the layout Lightning writes (``state_dict`` + ``hyper_parameters``)."""
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    return path
+
+
+def tiny_pretrain_checkpoint(path: Path) -> Path:
+    """An untrained tiny MAE pretraining checkpoint (tests of inputs refused before the model matters)."""
+    from medmae.tasks.pretrain import MAEPretrainTask
+
+    task = MAEPretrainTask(preset="tiny", patch_size=8)
+    return save_lightning(path, task.state_dict(), dict(task.hparams))
+
+
+def tiny_segment_checkpoint(path: Path) -> Path:
+    """An untrained tiny UNETR checkpoint with the preprocessing record ``medmae finetune`` adds (MR, ROI 32^3)."""
+    from medmae.tasks.segment import SegmentTask
+    from medmae.tasks.segment_demo import TINY_MODEL
+
+    task = SegmentTask(3, **TINY_MODEL)
+    geometry = {"roi_size": [32, 32, 32], "spacing": None, "ct_window": [-1000.0, 1000.0]}
+    task.hparams.update(geometry, mr_percentiles=[0.5, 99.5], modality="MR")
+    return save_lightning(path, task.state_dict(), dict(task.hparams))
+
+
+def checkpoint_kinds(root: Path) -> Expected:
+    """Bad checkpoints for commands that load a pretraining/restoration one (``export``, ``--ckpt``).
+
+    Each starts from a real (tiny, untrained) checkpoint of the right kind, except the files that are not
+    checkpoints at all.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    good = tiny_pretrain_checkpoint(root / "good.ckpt")
+    checkpoint = torch.load(good, weights_only=True)
+    state, hparams = checkpoint["state_dict"], checkpoint["hyper_parameters"]
+    first = next(iter(state))
+    out: Expected = {"ckpt-missing": (root / "missing.ckpt", "not found")}
+    (root / "zero.ckpt").write_bytes(b"")
+    out["ckpt-zero-bytes"] = (root / "zero.ckpt", "empty")
+    (root / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    out["ckpt-truncated"] = (root / "truncated.ckpt", "truncated")
+    (root / "text.ckpt").write_text("model: tiny\nsteps: 100\n")
+    out["ckpt-text"] = (root / "text.ckpt", "not a PyTorch checkpoint")
+    shutil.copy2(HIPPO, root / "scan.ckpt")
+    out["ckpt-nifti"] = (root / "scan.ckpt", "not a PyTorch checkpoint")
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "x": CodeOnLoad()}, root / "code.ckpt")
+    out["ckpt-pickled-code"] = (root / "code.ckpt", "refused to load")
+    out["ckpt-other-task"] = (tiny_segment_checkpoint(root / "segment.ckpt"), "segment checkpoint")
+    torch.save({k.removeprefix("model."): v for k, v in state.items()}, root / "bare_state.ckpt")
+    out["ckpt-bare-state-dict"] = (root / "bare_state.ckpt", "hyper_parameters")
+    torch.save(torch.zeros(3), root / "tensor.ckpt")
+    out["ckpt-not-a-dict"] = (root / "tensor.ckpt", "Tensor")
+    save_lightning(root / "no_weights.ckpt", {}, hparams)
+    out["ckpt-no-weights"] = (root / "no_weights.ckpt", "state_dict")
+    save_lightning(root / "missing_key.ckpt", {k: v for k, v in state.items() if k != first}, hparams)
+    out["ckpt-missing-keys"] = (root / "missing_key.ckpt", first.removeprefix("model."))
+    save_lightning(root / "wrong_shape.ckpt", {**state, first: state[first][..., :-1]}, hparams)
+    out["ckpt-wrong-shapes"] = (root / "wrong_shape.ckpt", "shape")
+    save_lightning(root / "no_config.ckpt", state, {k: v for k, v in hparams.items() if k != "model_config"})
+    out["ckpt-no-model-config"] = (root / "no_config.ckpt", "model_config")
+    config = {**hparams["model_config"], "hiden_size": 96}
+    save_lightning(root / "bad_config.ckpt", state, {**hparams, "model_config": config})
+    out["ckpt-bad-model-config"] = (root / "bad_config.ckpt", "hiden_size")
+    return out

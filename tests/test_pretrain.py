@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -128,7 +129,9 @@ def test_wandb_offline_needs_no_network(hippo_manifest: Path, tmp_path: Path, mo
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a network attempt fails at once
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     code = main(
         [
             "pretrain",
@@ -153,6 +156,8 @@ def test_wandb_offline_needs_no_network(hippo_manifest: Path, tmp_path: Path, mo
     assert code == 0
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
+    wandb = sys.modules["wandb"]
+    assert wandb.run is None  # the run was finished: a later run in this process starts its own
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +17,7 @@ from medmae.cli import main
 from medmae.data.datamodule import PretrainDataModule
 from medmae.evaluation.restore_baselines import interpolate_slices
 from medmae.evaluation.restore_metrics import psnr_in_mask
-from medmae.inference.repair import RepairSettings, inpaint_volume
+from medmae.inference.repair import RepairSettings, inpaint_volume, roi_of, run_windows
 from medmae.io import read_volume, write_volume
 from medmae.io.writers import cast_to_dtype
 from medmae.restore.corrupt import corrupt_slices
@@ -234,3 +236,20 @@ def test_repair_demo_step(pretrain_ckpt: Path, tmp_path: Path) -> None:
     linear = interpolate_slices(truth, 2, result["slices"], "linear")
     mask = slice_mask(truth.shape, 2, result["slices"])
     assert result["psnr_linear"] == pytest.approx(psnr_in_mask(linear, truth, mask))
+
+
+def test_mirroring_averages_the_eight_flipped_predictions(pretrain_ckpt: Path) -> None:
+    """``--mirror``: the mean over all axis flips of the prediction on the flipped scan, flipped back."""
+    net, hparams = load_restoration_net(pretrain_ckpt)
+    image = read_volume(HELD_OUT[0]).array[0].astype(np.float32)  # 35 x 51 x 35 (no padding at ROI 32)
+    image = (image - image.mean()) / image.std()
+    mask = slice_mask(image.shape, 2, [16, 17, 18])
+    roi = roi_of(net, hparams)
+    plain = RepairSettings(device="cpu", overlap=0.25)
+    mirrored = run_windows(net, image, mask, roi, replace(plain, mirror=True))
+    reference = np.zeros_like(image)
+    for axes in itertools.chain.from_iterable(itertools.combinations(range(3), n) for n in range(4)):
+        flipped = np.ascontiguousarray(np.flip(image, axes)), np.ascontiguousarray(np.flip(mask, axes))
+        reference += np.flip(run_windows(net, *flipped, roi, plain), axes) / 8
+    np.testing.assert_allclose(mirrored, reference, atol=1e-5)
+    assert np.abs(mirrored - run_windows(net, image, mask, roi, plain))[mask].max() > 1e-3

@@ -66,6 +66,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: a GPU when present)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="average over the 8 axis flips (test-time mirroring, as nnU-Net; 8x slower)",
+    )
     _add_threads(parser)
 
 
@@ -161,7 +166,11 @@ def _settings(args: argparse.Namespace, progress: bool = True):
         raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
     _set_threads(args)
     return RepairSettings(
-        overlap=args.overlap, batch_size=max(1, args.batch_size), device=args.device, progress=progress
+        overlap=args.overlap,
+        batch_size=max(1, args.batch_size),
+        device=args.device,
+        progress=progress,
+        mirror=args.mirror,
     )
 
 

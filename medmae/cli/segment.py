@@ -21,7 +21,10 @@ SEGMENT_EXAMPLES = """examples:
   medmae segment dicom_series_folder/ -o seg.nrrd --ckpt best.ckpt
   medmae segment imagesTs/ -o predictions/ --ckpt best.ckpt        # a folder of scans → a folder of label maps
 
-The label map is on the input's own grid (shape, orientation, spacing, origin) in an integer dtype."""
+The label map is on the input's own grid (shape, orientation, spacing, origin) in an integer dtype.
+A scan of a folder that cannot be segmented (unreadable, NaN/Inf, constant...) is skipped and listed on
+screen and in OUTPUT/segment_report.json; the exit code is 0 when at least one scan was segmented, 2 when
+none was (and for any failure of a single scan)."""
 
 EVALUATE_EXAMPLES = """examples:
   medmae evaluate-seg --pred predictions/ --truth labelsTs/
@@ -85,9 +88,17 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_segment(args: argparse.Namespace) -> int:
     from medmae.inference.segment import segment_paths
+    from medmae.io.volume import VolumeError
 
-    for path in segment_paths(args.ckpt, args.input, args.output, progress=not args.no_progress):
+    run = segment_paths(args.ckpt, args.input, args.output, progress=not args.no_progress)
+    for path in run.written:
         print(f"wrote {path}")
+    for _, reason in run.skipped:
+        print(f"skipped {reason}")
+    if run.report is not None:
+        print(f"{len(run.written)} segmented, {len(run.skipped)} skipped; wrote {run.report}")
+    if run.skipped and not run.written:
+        raise VolumeError(f"{args.input}: none of its {len(run.skipped)} scans could be segmented (see {run.report})")
     return 0
 
 

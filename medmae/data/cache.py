@@ -19,12 +19,14 @@ from medmae.data.cache_store import (
     atomic_write,
     list_cached_ids,
     read_meta,
+    remove_temporaries,
     write_entry,
     write_params,
 )
 from medmae.data.manifest import ScanRecord, parse_record, read_manifest
 from medmae.data.parallel import robust_map
 from medmae.data.preprocess import load_record, preprocess_volume
+from medmae.io.readers import max_voxels_from_env
 
 __all__ = [
     "CachedCropDataset",
@@ -88,11 +90,18 @@ def preprocess_manifest(
 
     Returns:
         The report also written to ``cache_dir/preprocess_report.json``: ``{"params", "built", "reused",
-        "failed": [{"id", "reason"}]}``. A scan that fails is reported and skipped.
+        "failed": [{"id", "reason"}], "removed_temporaries"}``. A scan that fails (unreadable, above the memory
+        budget ``$MEDMAE_MAX_VOXELS``...) is reported and skipped. A run that was killed leaves only complete
+        entries (reused by the next run) and hidden temporary files (removed by the next run).
+
+    Raises:
+        ValueError: the manifest or ``$MEDMAE_MAX_VOXELS`` is invalid.
     """
     manifest, cache_dir = Path(manifest), Path(cache_dir)
     records = read_manifest(manifest, check_files=False)
+    max_voxels_from_env()  # an invalid budget stops the run here, not once per scan
     write_params(cache_dir, params)
+    leftovers = remove_temporaries(cache_dir)
     fingerprint = params.fingerprint()
     base = str(manifest.parent.resolve())
     todo, reused = [], 0
@@ -115,6 +124,7 @@ def preprocess_manifest(
         "built": built,
         "reused": reused,
         "failed": sorted(failed, key=lambda f: f["id"]),
+        "removed_temporaries": len(leftovers),
     }
     atomic_write(cache_dir / "preprocess_report.json", lambda h: h.write(json.dumps(report, indent=1)), "w")
     return report

@@ -7,6 +7,8 @@ Layout::
     CACHE/scans/<id>.json         id, shape, dtype, affine, per-channel normalisation, params and source
                                   fingerprints: written last, so a scan counts as cached only once complete
     CACHE/preprocess_report.json  what the last ``medmae preprocess`` built, reused and skipped
+    CACHE/scans/.<id>.npy.XXXXXXXX  a temporary file of an interrupted write: never read, removed by the next
+                                  ``medmae preprocess``; every file is renamed into place once complete
 
 Nothing identifying is stored: ids come from the manifest (salted hashes for DICOM series), paths are not.
 """
@@ -28,6 +30,8 @@ from medmae.data.preprocess import Normalisation, PreprocessedScan
 from medmae.data.transforms import IntensityConfig
 
 CACHE_VERSION = 1
+# the name of :func:`atomic_write`'s temporary file of a .npy or .json (``tempfile.mkstemp``'s 8 random characters)
+TEMPORARY = re.compile(r"\..+\.(npy|json)\.[a-z0-9_]{8}")
 
 
 @dataclass(frozen=True)
@@ -76,15 +80,34 @@ def entry_name(scan_id: str) -> str:
 
 
 def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    """``write(handle)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    """``write(handle)`` into a temporary file beside ``path`` (``.NAME.XXXXXXXX``), then rename it over ``path``.
+
+    The data reach the disk before the rename, so even a power cut leaves either the old or the new file.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_temporaries(cache_dir: Path) -> list[str]:
+    """Delete what an interrupted writer left (:func:`atomic_write`'s hidden temporary files); returns their names.
+
+    Run it only when no other process writes into this cache.
+    """
+    leftovers = []
+    for folder in (Path(cache_dir), Path(cache_dir) / "scans"):
+        for path in sorted(folder.glob(".*")) if folder.is_dir() else []:
+            if TEMPORARY.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                leftovers.append(path.name)
+    return leftovers
 
 
 def write_params(cache_dir: Path, params: PreprocessParams) -> None:

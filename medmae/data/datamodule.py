@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +21,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from medmae.data.manifest import ScanRecord, read_manifest
+from medmae.data.preprocess import load_record
 from medmae.data.transforms import (
     IntensityConfig,
     augmentation_transforms,
@@ -50,8 +52,12 @@ def preprocess_records(
     spacing: Sequence[float] | None,
     intensity: IntensityConfig,
     workers: int = 1,
+    base: Path | None = None,
 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, str]]]:
     """Preprocess scans in memory; a scan that fails is skipped and reported, never fatal.
+
+    DICOM series records of ``medmae manifest scan`` are read from their listed files (``source`` names or
+    positions, relative to ``base``, the manifest's folder), as ``medmae preprocess`` reads them.
 
     Returns:
         ``[(id, (C, X, Y, Z) float32 tensor)]`` for the scans that worked and ``[(id, reason)]`` for the others.
@@ -62,7 +68,8 @@ def preprocess_records(
         if record.modality not in pipelines:
             pipelines[record.modality] = preprocessing_transforms(record.modality, spacing, intensity)
         try:
-            image = pipelines[record.modality]({"image": record.image})["image"]
+            source = load_record(record, base) if base is not None and record.info.get("series") else record.image
+            image = pipelines[record.modality]({"image": source})["image"]
         except (VolumeError, RuntimeError, ValueError, OSError) as error:
             return record.id, None, one_line(error)
         return record.id, torch.as_tensor(image, dtype=torch.float32).contiguous(), ""
@@ -163,7 +170,9 @@ class PretrainDataModule(L.LightningDataModule):
             return
         records = read_manifest(hp.manifest)
         train_records, val_records = split_records(records, hp.val_fraction, hp.seed)
-        volumes, self.skipped = preprocess_records(records, hp.spacing, self.intensity, hp.preprocess_workers)
+        volumes, self.skipped = preprocess_records(
+            records, hp.spacing, self.intensity, hp.preprocess_workers, base=Path(hp.manifest).parent
+        )
         if self.skipped:
             log.warning("%d of %d scans skipped; see the warnings above", len(self.skipped), len(records))
         by_id = dict(volumes)

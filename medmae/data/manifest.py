@@ -8,7 +8,8 @@ A record (one JSON object per line)::
 ``image`` is a path or a list of co-registered channel paths (e.g. T1, T2, FLAIR). Relative paths are
 relative to the manifest file's folder. Optional descriptive keys written by ``medmae manifest scan``
 (``shape``, ``spacing``, ``orientation``, ``dtype``, ``intensity``, ``status``, ``reason``, ``source``,
-``series``) are kept as they are. Records whose ``status`` is not ``"ok"`` are skipped by training.
+``series``; ``source_index`` and ``source_hash`` in place of ``source`` where the file names hold DICOM UIDs)
+are kept as they are. Records whose ``status`` is not ``"ok"`` are skipped by training.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ DESCRIPTIVE_KEYS = (
     "status",
     "reason",
     "source",
+    "source_index",
+    "source_hash",
     "series",
     "channels",
     "notes",

@@ -20,8 +20,9 @@ import torch
 from monai.data.utils import compute_shape_offset, zoom_affine
 
 from medmae.data.manifest import ScanRecord
+from medmae.data.privacy import follow_positions, hide_names
 from medmae.data.transforms import IntensityConfig, foreground
-from medmae.io.readers import read_volume
+from medmae.io.readers import Budget, check_series_budget, read_volume
 from medmae.io.volume import Volume, VolumeError
 
 SLAB_VOXELS = 1 << 18  # resampling works on slabs of this many output voxels (1 MB of float32), cache-resident
@@ -121,23 +122,43 @@ class PreprocessedScan:
 
 
 def load_record(record: ScanRecord, base: Path) -> Volume:
-    """The volume of a manifest record: its channel files stacked, or its DICOM series (``source`` paths).
+    """The volume of a manifest record: its channel files stacked, or its DICOM series (``source`` paths, or
+    ``source_index`` positions in the record's folder where the names hold DICOM UIDs).
+
+    A scan above the memory budget (``$MEDMAE_MAX_VOXELS``) is refused from its header, before any allocation.
 
     Args:
         record: a manifest record.
         base: folder the record's ``source`` paths are relative to (the manifest's folder).
-    """
-    if record.info.get("series") and record.info.get("source"):
-        from medmae.data.dicom import read_series
 
-        files = [str((base / p).resolve()) for p in record.info["source"]]
-        return read_series(files, Path(record.image[0]))
+    Raises:
+        ManifestError: the files of a ``source_index`` record changed since the scan.
+        VolumeError: the scan cannot be read (for a ``source_index`` record, without naming its files).
+    """
+    if record.info.get("series") and "source_index" in record.info:
+        folder = Path(record.image[0])
+        files = follow_positions(
+            folder, record.info["source_index"], record.info.get("source_hash", ""), record.info["series"]
+        )
+        try:
+            return _read_series(folder, [str(f) for f in files])
+        except (ValueError, OSError) as error:  # messages may name the files: keep those names out
+            raise VolumeError(hide_names(str(error), folder, files)) from None
+    if record.info.get("series") and record.info.get("source"):
+        return _read_series(Path(record.image[0]), [str((base / p).resolve()) for p in record.info["source"]])
     volumes = [read_volume(p) for p in record.image]
     for other in volumes[1:]:
         if not other.same_grid(volumes[0], atol=1e-3):
             raise VolumeError(f"{other.path}: channel is on another grid than {volumes[0].path}; co-register them")
     array = volumes[0].array if len(volumes) == 1 else np.concatenate([v.array for v in volumes])
     return volumes[0].with_array(array)
+
+
+def _read_series(name: Path, files: list[str]) -> Volume:
+    from medmae.data.dicom import read_series
+
+    check_series_budget(name, files, Budget.of("env"))
+    return read_series(files, name)
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from medmae.data.dicom import classify, series_flags, slice_geometry
-from medmae.data.privacy import contains_identifier, header_identifiers, salted_hash
+from medmae.data.privacy import contains_identifier, header_identifiers, header_uids, salted_hash, uid_depth
 from medmae.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
 from medmae.io.volume import VolumeError
 
@@ -134,9 +134,10 @@ def inspect_dicom(path: Path, salt: str) -> dict[str, Any]:
         return skipped("unreadable", f"broken DICOM header ({type(error).__name__})")
     if dataset is None:
         return skipped("not-image", "not a NIfTI/NRRD/MHA file nor a DICOM object")
+    depth = uid_depth(str(path), header_uids(dataset))  # path parts named after a UID are never written
     problem = classify(dataset)
     if problem:
-        return skipped(*problem)
+        return {**skipped(*problem), "uid_depth": depth}
     uid = str(dataset.get("SeriesInstanceUID", "") or "")
     if not uid:  # anonymisers sometimes blank it: fall back to what else ties the slices together
         keys = ("FrameOfReferenceUID", "SeriesDate", "SeriesTime", "Modality", "Rows", "Columns")
@@ -148,6 +149,7 @@ def inspect_dicom(path: Path, salt: str) -> dict[str, Any]:
         "modality": str(dataset.get("Modality", "") or ""),
         "flag": series_flags(dataset),
         "identifying_path": contains_identifier(str(path.resolve()), header_identifiers(dataset)),
+        "uid_depth": depth,
         **slice_geometry(dataset),
     }
     try:

@@ -3,7 +3,9 @@ seeded subset of ``num_labeled`` training scans → label-aware random crops and
 
 Splits are made by scan. The test split depends only on ``split_seed`` (so it is the same for every
 ``num_labeled`` and every ``seed``); the validation split is drawn from the rest with ``split_seed`` too;
-``seed`` picks which ``num_labeled`` scans of the remaining pool are labelled.
+``seed`` picks which ``num_labeled`` scans of the remaining pool are labelled. A scan that cannot be loaded
+(unreadable image, label map on another grid or with non-integer values...) is skipped and reported, and a
+skipped training scan is replaced by another of the pool.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -25,6 +27,7 @@ from torch.utils.data import Dataset
 from medmae.data.datamodule import split_records
 from medmae.data.manifest import ScanRecord, read_manifest
 from medmae.data.transforms import IntensityConfig, augmentation_transforms, preprocessing_transforms
+from medmae.errors import SCAN_ERRORS, one_line
 from medmae.io.volume import VolumeError
 
 log = logging.getLogger(__name__)
@@ -97,20 +100,22 @@ def run_pipeline(pipeline: Compose, data: dict[str, Any], where: str) -> dict[st
         raise VolumeError(f"{where}: preprocessing failed ({str(cause or error).splitlines()[0]})") from None
 
 
-def preprocess_labelled(
+def load_labelled(
     records: Sequence[ScanRecord],
     spacing: Sequence[float] | None,
     intensity: IntensityConfig,
     num_classes: int,
     workers: int = 1,
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Load, reorient, resample and normalise image + label in memory.
+) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[tuple[str, str]]]:
+    """Load, reorient, resample and normalise image + label in memory; a scan that fails is skipped.
 
     Returns:
-        ``[(id, (C, X, Y, Z) float32 image, (1, X, Y, Z) int64 label)]``.
+        ``[(id, (C, X, Y, Z) float32 image, (1, X, Y, Z) int64 label)]`` for the scans that worked, and
+        ``[(id, reason)]`` for the others (image unreadable or without signal, label unreadable, on another
+        grid, with non-integer values or values outside the classes: the reason names the file).
 
     Raises:
-        VolumeError: a scan has no label, its label is on another grid, or has values outside the classes.
+        VolumeError: a record has no label.
     """
     unlabelled = [r.id for r in records if r.label is None]
     if unlabelled:
@@ -119,15 +124,41 @@ def preprocess_labelled(
         m: preprocessing_transforms(m, spacing, intensity, label_key="label") for m in {r.modality for r in records}
     }
 
-    def one(record: ScanRecord) -> tuple[str, torch.Tensor, torch.Tensor]:
-        sample = run_pipeline(
-            pipelines[record.modality], {"image": record.image, "label": record.label}, record.image[0]
-        )
-        label = check_label(torch.as_tensor(sample["label"]), num_classes, str(record.label))
+    def one(record: ScanRecord) -> tuple[str, torch.Tensor | None, torch.Tensor | str]:
+        try:
+            sample = run_pipeline(
+                pipelines[record.modality], {"image": record.image, "label": record.label}, record.image[0]
+            )
+            label = check_label(torch.as_tensor(sample["label"]), num_classes, str(record.label))
+        except SCAN_ERRORS as error:
+            return record.id, None, one_line(error)
         return record.id, torch.as_tensor(sample["image"], dtype=torch.float32).contiguous(), label.contiguous()
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(one, records))
+        results = list(pool.map(one, records))
+    skipped = [(scan_id, reason) for scan_id, image, reason in results if image is None]
+    for scan_id, reason in skipped:
+        log.warning("skipping scan %s: %s", scan_id, reason)
+    return [(scan_id, image, label) for scan_id, image, label in results if image is not None], skipped
+
+
+def preprocess_labelled(
+    records: Sequence[ScanRecord],
+    spacing: Sequence[float] | None,
+    intensity: IntensityConfig,
+    num_classes: int,
+    workers: int = 1,
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """:func:`load_labelled` for scans that must all load.
+
+    Raises:
+        VolumeError: a scan has no label, cannot be read, its label is on another grid, or has values outside
+            the classes (the first failure's reason).
+    """
+    volumes, skipped = load_labelled(records, spacing, intensity, num_classes, workers)
+    if skipped:
+        raise VolumeError(skipped[0][1])
+    return volumes
 
 
 class LabelledVolumes(Dataset):
@@ -244,6 +275,7 @@ class SegDataModule(L.LightningDataModule):
         self.num_classes = num_classes
         self.intensity = IntensityConfig(tuple(ct_window), tuple(mr_percentiles))
         self.splits: SegSplits | None = None
+        self.skipped: list[tuple[str, str]] = []  # (scan id, reason) of the scans that could not be loaded
         self.modality = "MR"
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -256,6 +288,7 @@ class SegDataModule(L.LightningDataModule):
         if not records:
             raise ValueError(f"{hp.manifest}: no record has a 'label'; segmentation fine-tuning needs labelled scans")
         self.splits = seg_splits(records, hp.test_fraction, hp.val_fraction, hp.num_labeled, hp.split_seed, hp.seed)
+        train, val = self._load_splits(self.splits)
         self.modality = Counter(r.modality for r in self.splits.train).most_common(1)[0][0]
         log.info(
             "segmentation splits: %d labelled training, %d validation, %d test scans",
@@ -263,14 +296,44 @@ class SegDataModule(L.LightningDataModule):
             len(self.splits.val),
             len(self.splits.test),
         )
-        needed = self.splits.train + self.splits.val
-        volumes = preprocess_labelled(needed, hp.spacing, self.intensity, self.num_classes, hp.preprocess_workers)
-        train, val = volumes[: len(self.splits.train)], volumes[len(self.splits.train) :]
         length = max(hp.samples_per_epoch or 8 * len(train), hp.batch_size)
         transform = training_crops(self.roi_size, hp.pos_fraction, hp.affine_prob)
         transform.set_random_state(seed=hp.seed)
         self.train_dataset = LabelledVolumes(train, transform, length)
         self.val_dataset = LabelledVolumes(val, None) if val else None
+
+    def _load(self, records: Sequence[ScanRecord]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        hp = self.hparams
+        volumes, skipped = load_labelled(records, hp.spacing, self.intensity, self.num_classes, hp.preprocess_workers)
+        self.skipped += skipped
+        return volumes
+
+    def _load_splits(self, splits: SegSplits) -> tuple[list, list]:
+        """The training and validation volumes of ``splits``; a scan that fails is skipped and reported.
+
+        A failed training scan is replaced by another scan of the pool (in an order fixed by ``seed``), so that
+        ``num_labeled`` scans are trained on while the pool allows; ``self.splits`` becomes the scans loaded.
+        """
+        hp = self.hparams
+        volumes = self._load(splits.train + splits.val)
+        loaded = {volume[0]: volume for volume in volumes}
+        train = [loaded[r.id] for r in splits.train if r.id in loaded]
+        val = [loaded[r.id] for r in splits.val if r.id in loaded]
+        chosen = {r.id for r in splits.train}
+        spares = [splits.pool[i] for i in np.random.default_rng(hp.seed).permutation(len(splits.pool))]
+        for record in (r for r in spares if r.id not in chosen):
+            if len(train) >= len(splits.train):
+                break
+            train += self._load([record])
+        if self.skipped:
+            log.warning(
+                "%d scan(s) skipped (reasons above); training on %d labelled scans", len(self.skipped), len(train)
+            )
+        if not train:
+            raise ValueError(f"{hp.manifest}: no labelled training scan could be loaded: {self.skipped[0][1]}")
+        by_id = {r.id: r for r in splits.pool}
+        self.splits = replace(splits, train=[by_id[v[0]] for v in train], val=[r for r in splits.val if r.id in loaded])
+        return train, val
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

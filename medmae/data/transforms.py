@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from medmae.io.readers import read_volume
-from medmae.io.volume import VolumeError
+from medmae.io.volume import Volume, VolumeError
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class RobustZScored(MapTransform):
 class LoadVolumed(MapTransform):
     """Load the paths under ``keys`` with :func:`medmae.io.read_volume` as channel-first MetaTensors.
 
+    A :class:`~medmae.io.volume.Volume` already read (e.g. a DICOM series of a manifest) is used as it is.
     A list of paths is stacked as channels (they must share one grid). Label keys must be on the grid
     of ``reference_key``. Non-finite voxels are replaced by the volume's finite minimum.
     """
@@ -98,9 +99,12 @@ class LoadVolumed(MapTransform):
         self.reference_key = reference_key
         self.dtype = dtype
 
-    def _load(self, paths: str | Sequence[str]) -> MetaTensor:
-        paths = [paths] if isinstance(paths, str) else list(paths)
-        volumes = [read_volume(p) for p in paths]
+    def _load(self, paths: str | Sequence[str] | Volume) -> MetaTensor:
+        if isinstance(paths, Volume):
+            volumes, paths = [paths], [paths.name]
+        else:
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            volumes = [read_volume(p) for p in paths]
         for other in volumes[1:]:
             if not other.same_grid(volumes[0]):
                 raise VolumeError(

@@ -96,6 +96,8 @@ class RepairSettings:
         device: ``"cpu"``, ``"cuda"``, ... (``"auto"``: a GPU when there is one).
         progress: show a progress bar.
         rounds: blind-spot rounds of plain-checkpoint denoising.
+        mirror: test-time augmentation as in nnU-Net: average the predictions over all 8 combinations of
+            flipping the three axes (8x the compute).
     """
 
     overlap: float = 0.5
@@ -103,6 +105,7 @@ class RepairSettings:
     device: str = "auto"
     progress: bool = False
     rounds: int = 4
+    mirror: bool = False
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -152,19 +155,30 @@ def run_windows(
             return volume
         return net.inpaint(volume, window_mask, window_guide)[0]
 
-    output = sliding_window_inference(
-        inputs,
-        tuple(roi),
-        settings.batch_size,
-        predictor,
-        settings.overlap,
-        mode="gaussian",
-        progress=settings.progress,
-        sw_device=device,
-        device=torch.device("cpu"),
-    )
+    output = torch.zeros_like(volume)
+    flips = mirror_flips() if settings.mirror else [()]
+    for dims in flips:
+        flipped = inputs.flip(dims) if dims else inputs
+        prediction = sliding_window_inference(
+            flipped,
+            tuple(roi),
+            settings.batch_size,
+            predictor,
+            settings.overlap,
+            mode="gaussian",
+            progress=settings.progress,
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
+        output += (prediction.flip(dims) if dims else prediction).float()
+    output /= len(flips)
     crop = tuple(slice(before, before + size) for (before, _), size in zip(padding, shape))
-    return output[0, 0].float().numpy()[crop]
+    return output[0, 0].numpy()[crop]
+
+
+def mirror_flips() -> list[tuple[int, ...]]:
+    """The 8 subsets of the spatial dims ``(2, 3, 4)`` of a ``(B, C, I, J, K)`` tensor, ``()`` first."""
+    return [tuple(d for bit, d in enumerate((2, 3, 4)) if code >> bit & 1) for code in range(8)]
 
 
 def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:

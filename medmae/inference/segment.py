@@ -11,7 +11,9 @@ before the arg-max. The label map is written with the input's header and grid in
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +22,23 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, SpatialResample
 from tqdm import tqdm
 
+from medmae.data.cache_store import atomic_write
 from medmae.data.seg_datamodule import run_pipeline
 from medmae.data.transforms import IntensityConfig, preprocessing_transforms
+from medmae.errors import SCAN_ERRORS, one_line
 from medmae.io.readers import read_volume, require_signal, volume_format
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import write_volume
-from medmae.models.checkpoint import CheckpointError, checkpoint_task, load_checkpoint
+from medmae.models.checkpoint import CheckpointError, load_task_checkpoint, load_weights
 from medmae.tasks.segment import GEOMETRY_KEYS, TASK_NAME, SegmentTask
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+REPORT_NAME = "segment_report.json"  # written into the output folder when a folder of scans is segmented
 
 
 def load_segmenter(path: str | Path) -> SegmentTask:
     """The fine-tuned model of a ``medmae finetune`` checkpoint, in eval mode, on the CPU."""
-    checkpoint = load_checkpoint(path)
-    task = checkpoint_task(checkpoint)
-    if task != TASK_NAME:
-        raise CheckpointError(
-            f"{path}: this is a {task or 'non-medmae'} checkpoint; expected a 'segment' one (from `medmae finetune`)"
-        )
-    hparams = dict(checkpoint["hyper_parameters"])
+    state, hparams = load_task_checkpoint(path, (TASK_NAME,))
     missing = [k for k in GEOMETRY_KEYS if k not in hparams]
     if missing:
         raise CheckpointError(
@@ -47,9 +46,12 @@ def load_segmenter(path: str | Path) -> SegmentTask:
             "`medmae finetune` run that reached training"
         )
     names = set(inspect.signature(SegmentTask.__init__).parameters) - {"self"}
-    model = SegmentTask(**{**{k: v for k, v in hparams.items() if k in names}, "pretrained": None})
+    try:
+        model = SegmentTask(**{**{k: v for k, v in hparams.items() if k in names}, "pretrained": None})
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: its hyper-parameters do not describe a segmentation model ({error})") from None
     model.hparams.update({k: hparams[k] for k in GEOMETRY_KEYS})
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    load_weights(model, state, path, "segmentation model")
     return model.eval()
 
 
@@ -97,30 +99,65 @@ def segment_volume(model: SegmentTask, path: str | Path, progress: bool = False)
 
 
 def input_files(folder: Path) -> list[Path]:
-    """Volume files directly inside ``folder`` (empty when it is a DICOM series folder)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    """Entries directly inside ``folder`` named like volumes (empty when it is a DICOM series folder).
+
+    Broken links and folders with a volume suffix are listed too, so that they are reported, not passed over.
+    """
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
 
 
-def segment_files(model: SegmentTask, pairs: Sequence[tuple[Path, Path]], progress: bool = False) -> list[Path]:
-    """Segment ``(input scan, output file)`` pairs with one model; a progress bar over scans when ``progress``."""
-    written = []
-    for source, target in tqdm(pairs, desc="segmenting", unit="scan", disable=not progress or len(pairs) < 2):
-        labels = segment_volume(model, source, progress=progress and len(pairs) == 1)
-        written.append(write_volume(labels, target, dtype=labels.dtype))
-    return written
+def segment_file(model: SegmentTask, source: Path, target: Path, progress: bool = False) -> Path:
+    """Segment one scan into the label map file ``target``; returns the file written."""
+    labels = segment_volume(model, source, progress=progress)
+    return write_volume(labels, target, dtype=labels.dtype)
 
 
-def segment_paths(checkpoint: str | Path, source: Path, output: Path, progress: bool = True) -> list[Path]:
+@dataclass(frozen=True)
+class SegmentRun:
+    """What was segmented: the label maps written, the scans skipped with their reason, the report (folders)."""
+
+    written: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    report: Path | None = None
+
+
+def segment_folder(
+    model: SegmentTask, files: Sequence[Path], output: Path, checkpoint: str | Path, progress: bool = False
+) -> SegmentRun:
+    """Segment ``files`` into the folder ``output`` under their own names; a scan that fails is skipped.
+
+    Writes ``output/segment_report.json``: ``{"checkpoint", "segmented": [file names], "skipped": [{"scan",
+    "reason"}]}``.
+    """
+    written, skipped = [], []
+    for path in tqdm(files, desc="segmenting", unit="scan", disable=not progress):
+        try:
+            written.append(segment_file(model, path, output / path.name))
+        except SCAN_ERRORS as error:
+            skipped.append((path, one_line(error)))
+    report = {
+        "checkpoint": str(checkpoint),
+        "segmented": [p.name for p in written],
+        "skipped": [{"scan": str(p), "reason": reason} for p, reason in skipped],
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write(output / REPORT_NAME, lambda handle: handle.write(json.dumps(report, indent=1) + "\n"), "w")
+    return SegmentRun(written, skipped, output / REPORT_NAME)
+
+
+def segment_paths(checkpoint: str | Path, source: Path, output: Path, progress: bool = True) -> SegmentRun:
     """Segment ``source`` (a scan, a DICOM series folder, or a folder of scans) into ``output``.
 
-    A single scan is written to the file ``output``; a folder of scans to the folder ``output`` under the
-    same file names. Returns the files written.
+    A single scan is written to the file ``output``; any failure raises. A folder of scans goes to the folder
+    ``output`` under the same file names, skipping the scans that fail: see :func:`segment_folder`.
     """
     model = load_segmenter(checkpoint)
     files = input_files(source) if source.is_dir() else []
     if not files:
         volume_format(output)  # a single scan needs an output file name with a volume suffix
-        return segment_files(model, [(source, output)], progress)
+        return SegmentRun([segment_file(model, source, output, progress)])
     if output.exists() and not output.is_dir():
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
-    return segment_files(model, [(path, output / path.name) for path in files], progress)
+    if output.resolve() == source.resolve():
+        raise VolumeError(f"{output}: the input folder itself; write the label maps to another folder")
+    return segment_folder(model, files, output, checkpoint, progress)

@@ -6,7 +6,9 @@ import errno
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -23,8 +25,11 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mhd"}
-# the memory budget of one read: 2**31 voxels is a 1290^3 volume, 8 GiB as float32
+# the default memory budget of one read: 2**31 voxels is a 1290^3 volume, 8 GiB as float32; users change it
+# without code through this environment variable
 MAX_VOXELS = 2**31
+BUDGET_VARIABLE = "MEDMAE_MAX_VOXELS"
+BUDGET_REFUSAL = "above the memory budget"  # in the message of a volume refused for its size
 # what nibabel raises for a malformed header (none of them a ValueError)
 NIBABEL_ERRORS = (nib.filebasedimages.ImageFileError, nib.wrapstruct.WrapStructError, nib.spatialimages.HeaderDataError)
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
@@ -81,17 +86,61 @@ def _check_spatial(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
         )
 
 
-def check_budget(path: Path, shape: Sequence[int], max_voxels: int | None) -> None:
-    """Refuse a declared ``shape`` above ``max_voxels`` voxels before any voxel is allocated."""
-    voxels = math.prod(int(s) for s in shape)
-    if max_voxels is not None and voxels > max_voxels:
+def max_voxels_from_env() -> int | None:
+    """The default memory budget of one read: ``$MEDMAE_MAX_VOXELS`` when set (read at each call), else 2**31.
+
+    Raises:
+        ValueError: the variable is neither a positive whole number (``4000000000``, ``4e9``) nor ``none``.
+    """
+    text = os.environ.get(BUDGET_VARIABLE, "").strip().replace("_", "")
+    if not text:
+        return MAX_VOXELS
+    if text.lower() == "none":
+        return None
+    try:
+        voxels = float(text)
+    except ValueError:
+        voxels = math.nan
+    if not (math.isfinite(voxels) and voxels >= 1 and voxels == int(voxels)):
+        raise ValueError(
+            f"{BUDGET_VARIABLE}={os.environ[BUDGET_VARIABLE]!r} is not a memory budget: give a positive whole "
+            f"number of voxels (e.g. {BUDGET_VARIABLE}=4000000000 or 4e9), or 'none' for no limit"
+        )
+    return int(voxels)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory budget of one read.
+
+    Args:
+        voxels: the most voxels a volume may declare (None: no limit).
+        from_env: the budget is the default, which :data:`BUDGET_VARIABLE` sets: the refusal says how to raise it.
+    """
+
+    voxels: int | None
+    from_env: bool = False
+
+    @classmethod
+    def of(cls, max_voxels: int | Literal["env"] | None) -> Budget:
+        """The budget ``read_volume(max_voxels=...)`` means (``"env"``: :func:`max_voxels_from_env`)."""
+        return cls(max_voxels_from_env(), from_env=True) if max_voxels == "env" else cls(max_voxels)
+
+    def check(self, path: Path, shape: Sequence[int]) -> None:
+        """Refuse a declared ``shape`` above the budget before any voxel is allocated."""
+        voxels = math.prod(int(s) for s in shape)
+        if self.voxels is None or voxels <= self.voxels:
+            return
+        advice = "crop or downsample it first"
+        if self.from_env:
+            advice += f", or set {BUDGET_VARIABLE}={voxels} (or more) to raise the budget"
         raise VolumeError(
             f"{path}: declares {tuple(shape)} = {voxels:.3g} voxels ({voxels * 4 / 2**30:.3g} GiB as float32), "
-            f"above the memory budget of {max_voxels:.3g} voxels; crop or downsample it first"
+            f"{BUDGET_REFUSAL} of {self.voxels:.3g} voxels; {advice}"
         )
 
 
-def _load_nifti(path: Path, max_voxels: int | None) -> nib.Nifti1Image:
+def _load_nifti(path: Path, budget: Budget) -> nib.Nifti1Image:
     """The file read into memory (a ``.nii.gz`` decompressed in one call, twice as fast as streaming it).
 
     In memory, a later rename over the file cannot break the array. The raw header is checked before the
@@ -109,7 +158,7 @@ def _load_nifti(path: Path, max_voxels: int | None) -> nib.Nifti1Image:
         raise VolumeError(f"{path}: {len(data)} bytes, shorter than a NIfTI header ({size} bytes); the file is cut")
     header = image_class.header_class(data[:size], check=False)
     shape, itemsize = header.get_data_shape(), header.get_data_dtype().itemsize
-    check_budget(path, shape, max_voxels)
+    budget.check(path, shape)
     needed = int(header["vox_offset"]) + math.prod(shape) * itemsize
     if needed > len(data):
         raise VolumeError(
@@ -123,8 +172,8 @@ def _load_nifti(path: Path, max_voxels: int | None) -> nib.Nifti1Image:
     return image_class.from_bytes(data)
 
 
-def _read_nifti(path: Path, max_voxels: int | None) -> Volume:
-    image = _load_nifti(path, max_voxels)
+def _read_nifti(path: Path, budget: Budget) -> Volume:
+    image = _load_nifti(path, budget)
     header = image.header
     shape = image.shape
     if len(shape) == 2:
@@ -162,11 +211,11 @@ def _from_itk(image: sitk.Image, path: Path, fmt: str, header: dict[str, str]) -
     return Volume(array, affine, path, fmt, header)
 
 
-def _read_itk_file(path: Path, fmt: str, max_voxels: int | None) -> Volume:
+def _read_itk_file(path: Path, fmt: str, budget: Budget) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
-    check_budget(path, reader.GetSize(), max_voxels)
+    budget.check(path, reader.GetSize())
     if reader.GetDimension() == 2:
         raise VolumeError(f"{path}: image is 2D (size {reader.GetSize()}); medmae needs 3D volumes")
     image = reader.Execute()
@@ -190,6 +239,14 @@ def dicom_series_files(folder: Path, series_uid: str | None = None) -> list[str]
     elif series_uid not in series:
         raise VolumeError(f"{folder}: series {series_uid!r} not found; found {len(series)} other series")
     return list(reader.GetGDCMSeriesFileNames(str(folder), series_uid))
+
+
+def check_series_budget(name: Path, files: Sequence[str], budget: Budget) -> None:
+    """Refuse a DICOM series of ``files`` above ``budget`` from its first file's header (no pixel decoded)."""
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    budget.check(name, (len(files), *first.GetSize()))
 
 
 def read_dicom_series(files: list[str], name: Path) -> Volume:
@@ -258,12 +315,13 @@ def _reason(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def read_volume(path: str | Path, max_voxels: int | None = MAX_VOXELS) -> Volume:
+def read_volume(path: str | Path, max_voxels: int | Literal["env"] | None = "env") -> Volume:
     """Read one scan with its geometry.
 
     Args:
         path: a NIfTI/NRRD/MHA/MHD file or a folder holding a single DICOM series.
-        max_voxels: the memory budget; a larger declared size is refused before any allocation (None: no limit).
+        max_voxels: the memory budget; a larger declared size is refused before any allocation (None: no limit;
+            ``"env"``: ``$MEDMAE_MAX_VOXELS`` when set, else 2**31 voxels, see :func:`max_voxels_from_env`).
 
     Returns:
         The volume, ``array`` shaped ``(C, I, J, K)`` in the file's dtype. It is usually a strided view
@@ -271,8 +329,10 @@ def read_volume(path: str | Path, max_voxels: int | None = MAX_VOXELS) -> Volume
         and MONAI accept it as is; call ``np.ascontiguousarray`` where C order is really needed.
 
     Raises:
-        VolumeError: the file is missing, unreadable, not 3D, or of an unsupported type.
+        VolumeError: the file is missing, unreadable, not 3D, above the budget, or of an unsupported type.
+        ValueError: ``$MEDMAE_MAX_VOXELS`` is not a valid budget.
     """
+    budget = Budget.of(max_voxels)
     path = Path(path)
     if not path.exists():
         raise _open_error(path)
@@ -283,15 +343,12 @@ def read_volume(path: str | Path, max_voxels: int | None = MAX_VOXELS) -> Volume
         raise VolumeError(f"{path}: a folder, not a {fmt} file; a folder is read only as a DICOM series")
     try:
         if fmt == "nifti":
-            return _read_nifti(path, max_voxels)
+            return _read_nifti(path, budget)
         if fmt == "dicom":
             files = _regular_dicom_files(path)
-            first = sitk.ImageFileReader()
-            first.SetFileName(files[0])
-            first.ReadImageInformation()
-            check_budget(path, (len(files), *first.GetSize()), max_voxels)
+            check_series_budget(path, files, budget)
             return read_dicom_series(files, path)
-        return _read_itk_file(path, fmt, max_voxels)
+        return _read_itk_file(path, fmt, budget)
     except VolumeError:
         raise
     except PermissionError:

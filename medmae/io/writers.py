@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,23 @@ import SimpleITK as sitk
 
 from medmae.io.readers import volume_format
 from medmae.io.volume import LPS_TO_RAS, Volume, VolumeError
+
+# A DICOM header field in ITK metadata: ``gggg|eeee`` (ITK's DICOM reader; SimpleITK conversions to NRRD/MHA
+# keep them) or ``DICOM...``.
+DICOM_KEY = re.compile(r"[0-9a-f]{4}\|[0-9a-f]{4}|dicom.*", re.IGNORECASE)
+
+
+def copied_metadata(header: dict[str, str]) -> dict[str, str]:
+    """The ITK metadata of an input that its output keeps: none when any field came from DICOM, else all but
+    ITK's own fields and the axis kinds.
+
+    A header converted from DICOM holds the patient's name, IDs and birth date, the site and the UIDs, and
+    MetaImage splits multi-line values into stray fields named by their fragments ("Basel = ..."), so no
+    part of it is safe to copy; the geometry travels in the image itself.
+    """
+    if any(DICOM_KEY.fullmatch(key) for key in header):
+        return {}
+    return {key: value for key, value in header.items() if not key.startswith("ITK_") and "kinds" not in key}
 
 
 def cast_to_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -66,9 +84,8 @@ def _write_itk(volume: Volume, array: np.ndarray, tmp: Path) -> None:
     image.SetDirection((lps[:3, :3] / spacing[None, :]).ravel().tolist())
     image.SetOrigin(lps[:3, 3].tolist())
     if isinstance(volume.header, dict):
-        for key, value in volume.header.items():
-            if not key.startswith("ITK_") and "kinds" not in key:
-                image.SetMetaData(key, value)
+        for key, value in copied_metadata(volume.header).items():
+            image.SetMetaData(key, value)
     writer = sitk.ImageFileWriter()
     writer.SetFileName(str(tmp))
     writer.SetUseCompression(True)
@@ -79,7 +96,8 @@ def write_volume(volume: Volume, path: str | Path, dtype: np.dtype | None = None
     """Write ``volume`` to ``path`` atomically (a temporary file, then a rename).
 
     The format follows the path's suffix. When it matches the format the volume was read from,
-    the original header fields are kept. The file the volume was read from is never overwritten.
+    the original header fields are kept, except a header converted from DICOM, which identifies the patient
+    (:func:`copied_metadata`). The file the volume was read from is never overwritten.
 
     Args:
         volume: what to write; ``array`` is ``(C, I, J, K)``.

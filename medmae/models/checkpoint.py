@@ -30,20 +30,117 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unsafe, or of another kind than expected; the message names the file."""
 
 
+# how a torch.save file starts: a zip archive (PyTorch >= 1.6, Lightning) or a pickle (the legacy format)
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+# what a file that is not a checkpoint often is, by its first bytes
+LOOKS_LIKE = {
+    b"\x1f\x8b": "gzip data, e.g. a .nii.gz scan",
+    b"PK": "a zip archive",
+    b"\x5c\x01\x00\x00": "a NIfTI image",
+}
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
+    """The error for a file whose first bytes are not those of a ``torch.save`` file."""
+    known = next((what for magic, what in LOOKS_LIKE.items() if head.startswith(magic)), None)
+    if known is None and head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        known = "text"
+    return CheckpointError(
+        f"{path}: not a PyTorch checkpoint (it starts with {head[:8]!r}{f', {known}' if known else ''}); "
+        "expected a .ckpt written by medmae pretrain / finetune / finetune-restore"
+    )
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The informative sentence of a ``torch.load`` error (its messages run to several paragraphs)."""
+    text = str(error).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:")[1].strip().split(". ")[0]
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code.
+
+    Raises:
+        CheckpointError: the file is missing, empty, not a ``torch.save`` file, damaged (truncated), would run
+            code when unpickled, or holds something other than a dictionary.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found" + (" (it is a folder)" if path.is_dir() else ""))
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes); the run that wrote it did not finish")
+    if not head.startswith(TORCH_MAGIC):
+        raise _not_a_checkpoint(path, head)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it contains objects other than tensors and plain data, which could "
-            f"execute code ({str(error).splitlines()[0]})"
+            f"execute code ({_torch_reason(error)})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: the checkpoint is damaged: truncated or corrupted ({_torch_reason(error)})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint (a dictionary)")
+    return checkpoint
+
+
+def load_task_checkpoint(path: str | Path, tasks: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``state_dict`` and ``hyper_parameters`` of a Lightning checkpoint written for one of ``tasks``.
+
+    Raises:
+        CheckpointError: see :func:`load_checkpoint`; or the file is not a Lightning checkpoint (a bare state
+            dict such as an exported ``encoder.pt``), is another task's, or has no weights.
+    """
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise CheckpointError(
+            f"{path}: no 'hyper_parameters': not a checkpoint written by a medmae run (a bare state dict such "
+            "as an exported encoder.pt is used with --model.pretrained, not here)"
+        )
+    task = checkpoint_task(checkpoint)
+    if task not in tasks:
+        wanted = f"a {tasks[0]!r} one" if len(tasks) == 1 else f"one of {list(tasks)}"
+        raise CheckpointError(f"{path}: this is a {task or 'non-medmae'} checkpoint; expected {wanted}")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: no weights ('state_dict' is missing or empty); the file is incomplete")
+    return state, hparams
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Any], path: str | Path, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, or a :class:`CheckpointError` naming what differs.
+
+    Args:
+        what: the part loaded, for the message (``"MAE"``, ``"segmentation model"``).
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{key} {tuple(getattr(value, 'shape', ()))} instead of {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and getattr(value, "shape", None) != expected[key].shape
+    ]
+    problems = [
+        f"{len(items)} {kind} (e.g. {', '.join(items[:2])})"
+        for kind, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected), ("wrong shape(s)", shapes))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path}: the {what} weights do not match the model its hyper-parameters describe: "
+            f"{'; '.join(problems)}; the file is damaged or was edited"
+        )
+    module.load_state_dict(state, strict=True)
 
 
 def config_from_dict(data: dict[str, Any]) -> MAEConfig:
@@ -51,6 +148,16 @@ def config_from_dict(data: dict[str, Any]) -> MAEConfig:
     values = dict(data)
     values["patch_size"] = tuple(values["patch_size"])
     return MAEConfig(**values)
+
+
+def checkpoint_config(hparams: dict[str, Any], path: str | Path) -> MAEConfig:
+    """The :class:`MAEConfig` a checkpoint's hyper-parameters record (CheckpointError when absent or invalid)."""
+    if not isinstance(hparams.get("model_config"), dict):
+        raise CheckpointError(f"{path}: no 'model_config' in its hyper-parameters; the model cannot be rebuilt")
+    try:
+        return config_from_dict(hparams["model_config"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: invalid 'model_config' in its hyper-parameters ({error})") from None
 
 
 def checkpoint_task(checkpoint: dict[str, Any]) -> str:
@@ -68,15 +175,10 @@ def load_pretrained_mae(path: str | Path, tasks: Sequence[str] = ("mae-pretrain"
     Returns:
         The model in eval mode and the checkpoint's hyper-parameters.
     """
-    checkpoint = load_checkpoint(path)
-    task = checkpoint_task(checkpoint)
-    if task not in tasks:
-        raise CheckpointError(f"{path}: this is a {task or 'non-medmae'} checkpoint; expected one of {list(tasks)}")
-    hparams = dict(checkpoint["hyper_parameters"])
-    model = build_mae(config_from_dict(hparams["model_config"]), norm_pix_loss=bool(hparams.get("norm_pix_loss")))
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
-    return model.eval(), hparams
+    state, hparams = load_task_checkpoint(path, tasks)
+    model = build_mae(checkpoint_config(hparams, path), norm_pix_loss=bool(hparams.get("norm_pix_loss")))
+    load_weights(model, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, path, "MAE")
+    return model.eval(), dict(hparams)
 
 
 def encoder_to_monai(encoder: ViT3DEncoder, img_size: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -143,13 +245,15 @@ def export_monai_vit(checkpoint: str | Path, output: str | Path, img_size: Seque
     Returns:
         The files written.
     """
+    output = Path(output)
+    paths = [output, output.with_suffix(".safetensors"), output.with_suffix(".json")]
+    if any(path.resolve() == Path(checkpoint).resolve() for path in paths):
+        raise CheckpointError(f"{output}: refusing to overwrite the checkpoint being exported; choose another -o")
     model, hparams = load_pretrained_mae(checkpoint, tasks=("mae-pretrain", "mae-restore"))
     config = config_from_dict(hparams["model_config"])
     if img_size is None:
         img_size = hparams.get("roi_size") or [s * 6 for s in config.patch_size]
     state = encoder_to_monai(model.encoder, img_size)
-    output = Path(output)
-    paths = [output, output.with_suffix(".safetensors"), output.with_suffix(".json")]
     _atomic_write(paths[0], lambda tmp: torch.save(state, tmp))
     _atomic_write(paths[1], lambda tmp: save_file(state, tmp))
     sidecar = {

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from medmae.errors import SCAN_ERRORS, one_line
 from medmae.evaluation.restore_baselines import gaussian_denoise, interpolate_slices, nlm_denoise
 from medmae.evaluation.restore_metrics import foreground_mask, psnr_in_mask, restore_scores
 from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array
@@ -208,17 +209,26 @@ def evaluation_scans(
     modality: str,
     limit: int | None,
     max_size: int,
-) -> list[EvalScan]:
-    """The clean scans to evaluate: a manifest's (optionally the checkpoint's validation split) and files."""
+) -> tuple[list[EvalScan], list[tuple[str, str]]]:
+    """The clean scans to evaluate: a manifest's (optionally the checkpoint's validation split) and files.
+
+    Returns:
+        The scans, and ``(name, reason)`` for each scan skipped: missing, unreadable, NaN/Inf or constant.
+
+    Raises:
+        ManifestError: the manifest itself is malformed (not JSON, unknown keys, repeated ids).
+        ValueError: nothing to evaluate, or every scan was skipped.
+    """
     from medmae.data.datamodule import split_records
     from medmae.data.manifest import read_manifest
     from medmae.inference.repair import resolve_modality
     from medmae.io import read_volume
+    from medmae.io.readers import require_signal
     from medmae.models.checkpoint import load_checkpoint
 
     entries: list[tuple[str, Path, str]] = []
     if manifest is not None:
-        records = read_manifest(manifest)
+        records = read_manifest(manifest, check_files=False)  # a missing scan is skipped below, with the others
         if held_out:
             split = load_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
             records = split_records(records, float(split.get("val_fraction", 0.1)), int(split.get("seed", 0)))[1]
@@ -228,24 +238,44 @@ def evaluation_scans(
     entries += [(Path(p).name.split(".")[0], Path(p), modality) for p in scans]
     if not entries:
         raise ValueError("nothing to evaluate: pass --manifest and/or --scan")
-    out = []
+    out, skipped = [], []
     for name, path, scan_modality in entries:
-        volume = read_volume(path)
+        try:
+            volume = read_volume(path)
+            require_signal(volume)
+        except SCAN_ERRORS as error:
+            skipped.append((name, one_line(error)))
+            continue
         array = centre_crop(volume.array[0], max_size)
         out.append(EvalScan(name, array, volume.spacing, resolve_modality(volume, scan_modality)))
-    return out
+    if not out:
+        raise ValueError(f"none of the {len(entries)} scans can be evaluated; the first: {skipped[0][1]}")
+    return out, skipped
+
+
+def report_text(checkpoint: Path, table: str, skipped: Sequence[tuple[str, str]]) -> str:
+    """The ``restore_eval.md`` report: the checkpoint, the table, and the scans skipped with their reason."""
+    lines = [f"checkpoint: {checkpoint.name}", "", table]
+    if skipped:
+        lines += ["", f"skipped {len(skipped)} scan(s):", *(f"- {name}: {reason}" for name, reason in skipped)]
+    return "\n".join(lines) + "\n"
 
 
 def run_evaluation(args: object, settings: RepairSettings) -> str:
-    """Everything ``medmae evaluate-restore`` does; returns the markdown table (also written to ``args.output``)."""
+    """Everything ``medmae evaluate-restore`` does; returns the markdown table (also written to ``args.output``).
+
+    A scan that cannot be evaluated is skipped, printed and listed in ``restore_eval.md``.
+    """
     import json
 
     from medmae.tasks.restore import load_restoration_net
 
     net, hparams = load_restoration_net(args.ckpt)
-    scans = evaluation_scans(
+    scans, skipped = evaluation_scans(
         args.manifest, args.held_out, args.scan, args.ckpt, args.modality, args.limit, args.max_size
     )
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", flush=True)
     rng = np.random.default_rng(0)
     output = Path(args.output)
     rows: list[ScoreRow] = []
@@ -258,6 +288,6 @@ def run_evaluation(args: object, settings: RepairSettings) -> str:
         print(f"evaluated {scan.name}", flush=True)
     table = summarise(rows)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "restore_eval.md").write_text(f"checkpoint: {Path(args.ckpt).name}\n\n{table}\n")
+    (output / "restore_eval.md").write_text(report_text(Path(args.ckpt), table, skipped))
     (output / "restore_eval.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return table

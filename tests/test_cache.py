@@ -129,10 +129,12 @@ def test_datamodule_reads_training_crops_from_the_cache(manifest: Path, tmp_path
     cache = tmp_path / "cache"
     preprocess_manifest(manifest, cache, PARAMS, progress=False)
     shutil.rmtree(cache / "scans" / "mr.npy", ignore_errors=True)
-    data = PretrainDataModule(
-        str(manifest), roi_size=[16, 16, 16], batch_size=2, val_fraction=0.2, cache_dir=str(cache)
-    )
+    settings = {"roi_size": [16, 16, 16], "batch_size": 2, "val_fraction": 0.2, "cache_dir": str(cache)}
+    with pytest.raises(ValueError, match=r"preprocessed with spacing \[3.0, 3.0, 3.0\], but data.spacing"):
+        PretrainDataModule(str(manifest), spacing=[1.5, 1.5, 1.5], **settings).setup("fit")  # not silently 3 mm
+    data = PretrainDataModule(str(manifest), spacing=None, **settings)
     data.setup("fit")
+    assert data.hparams.spacing == [3.0, 3.0, 3.0]  # what checkpoints record, for repair and export
     assert isinstance(data.train_dataset, CachedCropDataset)
     assert len(data.train_dataset.ids) + len(data.val_dataset.ids) == 5
     batch = next(iter(data.train_dataloader()))

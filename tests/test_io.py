@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import DATA, HIPPO
+from conftest import DATA, HIPPO, ROOT
 
 from medmae.data.manifest import ManifestError, read_manifest
 from medmae.io import VolumeError, read_volume, write_volume
@@ -115,3 +117,26 @@ def test_manifest_paths_are_relative_to_the_manifest(tmp_path: Path) -> None:
     again = read_manifest(path)
     assert [r.image for r in again] == [r.image for r in records]
     assert again[0].modality == "MR" and again[0].label.endswith("hippocampus_001.nii.gz")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path, umask: int) -> None:
+    """Atomic writers go through a temporary file; the result has ``0o666 & ~umask``, as ``open`` gives,
+    not mkstemp's owner-only 0600 (colleagues on a cluster must be able to read a shared cache or results)."""
+    from medmae.data.cache_store import atomic_write
+    from medmae.data.manifest import write_manifest
+
+    previous = os.umask(umask)
+    try:
+        volume = read_volume(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")
+        outputs = [
+            write_volume(volume, tmp_path / "out.nii.gz"),
+            write_volume(volume, tmp_path / "out.nrrd"),
+            write_manifest(read_manifest(ROOT / "data_manifests" / "hippocampus.jsonl")[:2], tmp_path / "m.jsonl"),
+        ]
+        atomic_write(tmp_path / "entry.json", lambda handle: handle.write(b"{}"))
+        outputs.append(tmp_path / "entry.json")
+    finally:
+        os.umask(previous)
+    for path in outputs:
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o666 & ~umask, path

@@ -81,7 +81,11 @@ def test_resume_restores_step_optimizer_and_schedule(hippo_manifest: Path, tmp_p
 
 
 @pytest.mark.real_data
-def test_cli_pretrain_with_overrides_and_export(hippo_manifest: Path, tmp_path: Path, capsys) -> None:
+def test_cli_pretrain_with_overrides_and_export(
+    hippo_manifest: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--trainer.default_root_dir`` alone moves the checkpoints too (the config's logger follows it)."""
+    monkeypatch.chdir(tmp_path)  # where the config's own folder (runs/pretrain-tiny) would appear
     code = main(
         [
             "pretrain",
@@ -96,13 +100,12 @@ def test_cli_pretrain_with_overrides_and_export(hippo_manifest: Path, tmp_path: 
             "--trainer.enable_progress_bar",
             "false",
             "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
+            str(tmp_path / "run"),
         ]
     )
     assert code == 0
-    last = next(tmp_path.glob("logs/version_*/checkpoints/last.ckpt"))
+    assert not (tmp_path / "runs").exists()
+    last = next(tmp_path.glob("run/logs/version_*/checkpoints/last.ckpt"))
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 3
     assert checkpoint["hyper_parameters"]["roi_size"] == [32, 32, 32]

@@ -253,3 +253,13 @@ def test_mirroring_averages_the_eight_flipped_predictions(pretrain_ckpt: Path) -
         reference += np.flip(run_windows(net, *flipped, roi, plain), axes) / 8
     np.testing.assert_allclose(mirrored, reference, atol=1e-5)
     assert np.abs(mirrored - run_windows(net, image, mask, roi, plain))[mask].max() > 1e-3
+
+
+def test_untrained_residual_denoiser_returns_its_input(pretrain_ckpt: Path) -> None:
+    """``smooth_sigma: 0``: the guide is the noisy input, so an untrained network changes nothing."""
+    task = MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, guided=True, smooth_sigma=0.0)
+    noisy = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(task.net.eval().denoise(noisy), noisy)
+    with pytest.raises(ValueError, match="smooth_sigma must be >= 0"):
+        MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, smooth_sigma=-1.0)

@@ -13,7 +13,7 @@ from medmae.cli import main
 from medmae.data.manifest import read_manifest
 from medmae.data.parallel import robust_map
 from medmae.data.scan import ScanOptions, parse_shard, scan_folder
-from tests.corpus_ingest import SMALL_CT, SMALL_MR, bad_corpus, copy_files, nan_volume
+from tests.corpus_ingest import DATA, SMALL_CT, SMALL_MR, bad_corpus, copy_files, nan_volume
 
 
 def _report(manifest: Path) -> dict:
@@ -74,6 +74,20 @@ def test_rerun_is_incremental(tmp_path: Path) -> None:
     os.utime(root / SMALL_MR.name, ns=(1, 1))
     scan_folder(root, output, progress=False)
     assert _report(output)["files"]["read"] == 1
+
+
+def test_label_maps_beside_their_images_are_skipped_not_trained_on(tmp_path: Path) -> None:
+    """Archives keep segmentations next to the scans (MSD labelsTr, NRRD lesion masks, a 117-class map)."""
+    root = tmp_path / "root"
+    copy_files(SMALL_CT.parent, root, [SMALL_CT.name, SMALL_MR.name, "example_seg.nii.gz", "example_seg_mr.nii.gz"])
+    copy_files(DATA / "pyradiomics", root, ["breast1_image.nrrd", "breast1_label.nrrd"])
+    for folder in ("imagesTr", "labelsTr"):  # hippocampus_003's label is stored as float32
+        copy_files(DATA / "hippocampus" / folder, root / folder, ["hippocampus_003.nii.gz"])
+    output = tmp_path / "m.jsonl"
+    scan_folder(root, output, progress=False)
+    kept = sorted(record.id for record in read_manifest(output, check_files=False))
+    assert kept == ["breast1_image", "example_ct_sm", "example_mr_sm", "imagesTr__hippocampus_003"]
+    assert _report(output)["reasons"] == {"label-map": 4}
 
 
 def test_shards_then_assembly_equal_one_scan(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ EXAMPLES = """examples:
   medmae export runs/x/logs/version_0/checkpoints/last.ckpt --format monai-vit -o encoder.pt
   medmae export last.ckpt -o encoder.pt --img-size 128 128 128     # position embedding for 128^3 inputs
 
-Then, in Python:
+Then, in Python (any preset; encoder.json holds the matching ViT arguments):
+  net = monai.networks.nets.ViT(**json.load(open("encoder.json"))["monai_vit_kwargs"])
+  net.load_state_dict(torch.load("encoder.pt", weights_only=True), strict=True)
+or, for a base preset with 16^3 patches (MONAI's UNETR builds that ViT):
   net = monai.networks.nets.UNETR(in_channels=1, out_channels=3, img_size=(96, 96, 96))
   net.vit.load_state_dict(torch.load("encoder.pt", weights_only=True), strict=True)
-(encoder.json holds the matching ViT arguments; encoder.safetensors the same weights.)"""
+(encoder.safetensors holds the same weights.)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from medmae.data.preprocess import Normalisation, PreprocessedScan
 from medmae.data.transforms import IntensityConfig
+from medmae.io.atomic import temporary_beside
 
 CACHE_VERSION = 1
 # the name of :func:`atomic_write`'s temporary file of a .npy or .json (``tempfile.mkstemp``'s 8 random characters)
@@ -84,7 +84,7 @@ def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
 
     The data reach the disk before the rename, so even a power cut leaves either the old or the new file.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, mode) as handle:
             write(handle)

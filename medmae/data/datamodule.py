@@ -133,7 +133,9 @@ class PretrainDataModule(L.LightningDataModule):
         ct_window: Hounsfield window mapped to ``[0, 1]`` for CT.
         mr_percentiles: percentile clip before the MR z-score.
         preprocess_workers: threads used to preprocess scans at setup.
-        cache_dir: a ``medmae preprocess`` cache to read crops from instead of preprocessing in memory.
+        cache_dir: a ``medmae preprocess`` cache to read crops from instead of preprocessing in memory. Its
+            spacing and normalisation are used (and recorded in checkpoints): ``spacing`` None takes the
+            cache's; a ``spacing``, ``ct_window`` or ``mr_percentiles`` other than the cache's is an error.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class PretrainDataModule(L.LightningDataModule):
         from medmae.data.cache_dataset import CropAugmentation
 
         hp = self.hparams
+        self._use_cache_params()
         records = read_manifest(hp.manifest, check_files=False)
         cached = set(list_cached_ids(hp.cache_dir))
         self.skipped = [(r.id, "not in the cache; run `medmae preprocess`") for r in records if r.id not in cached]
@@ -207,6 +210,36 @@ class PretrainDataModule(L.LightningDataModule):
             hp.cache_dir, self.roi_size, length, train, seed=hp.seed, augment=CropAugmentation()
         )
         self.val_dataset = CachedCropDataset(hp.cache_dir, self.roi_size, None, val, seed=hp.seed) if val else None
+
+    def _use_cache_params(self) -> None:
+        """Take the spacing and normalisation the cache was made with, so checkpoints record them.
+
+        Raises:
+            ValueError: ``spacing`` (unless None), ``ct_window`` or ``mr_percentiles`` differs from the cache's;
+                the cache cannot honour it, so training would silently use another value.
+        """
+        from medmae.data.cache_store import read_params
+
+        hp = self.hparams
+        params = read_params(Path(hp.cache_dir))
+        cached = {
+            "spacing": params.spacing,
+            "ct_window": params.intensity.ct_window,
+            "mr_percentiles": params.intensity.mr_percentiles,
+        }
+        for key, value in cached.items():
+            given = hp[key]
+            if given is None and key == "spacing":
+                continue
+            if value is None or not np.allclose(np.asarray(given, float), np.asarray(value, float)):
+                shown = [float(v) for v in value] if value is not None else None
+                raise ValueError(
+                    f"{hp.cache_dir}: preprocessed with {key} {shown}, but data.{key} is {list(given)}; "
+                    f"set --data.{key} to {shown}{' (or null)' if key == 'spacing' else ''} "
+                    f"or run `medmae preprocess` again with the value you want"
+                )
+        hp.spacing = [float(v) for v in params.spacing] if params.spacing is not None else None
+        self.intensity = params.intensity
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         sampler = None

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from medmae.io.atomic import temporary_beside
 
 REQUIRED_KEYS = ("id", "image")
 CORE_KEYS = ("id", "image", "label", "modality")
@@ -182,7 +183,7 @@ def write_manifest(records: Iterable[ScanRecord], path: str | Path, relative: bo
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve() if relative else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json(base)) + "\n")

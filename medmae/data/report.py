@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from medmae.io.atomic import temporary_beside
 
 SHOWN_ON_SCREEN = 25
 
@@ -74,7 +75,7 @@ class ScanReport:
     def write(self, path: Path) -> Path:
         """Write the JSON report atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = temporary_beside(path)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(self.to_json(), handle, indent=1)
             handle.write("\n")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,9 +29,10 @@ from medmae.data.privacy import UidNames, load_or_create_salt, positions, salted
 from medmae.data.report import ScanReport
 from medmae.data.scan_files import inspect_file, intensity_problem, skipped, summarise_stats
 from medmae.data.scan_volumes import fingerprint, volume_records
+from medmae.io.atomic import temporary_beside
 from medmae.io.readers import BUDGET_REFUSAL, max_voxels_from_env
 
-STATE_VERSION = 2  # 2: files named by a salted hash of their path
+STATE_VERSION = 3  # 2: files named by a salted hash of their path; 3: label maps skipped
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def load_state(folder: Path, key: str) -> dict[str, dict[str, Any]]:
 
 def save_state(path: Path, key: str, entries: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(json.dumps({"key": key, "version": STATE_VERSION}) + "\n")
         for entry in entries:

@@ -21,6 +21,10 @@ from medmae.io.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
 from medmae.io.volume import VolumeError
 
 MAX_CHANNELS_PER_FILE = 4
+# A label map: integer ids from 0 up to this, and most labelled voxels share their neighbours' label
+# (measured: label maps 0.68-0.96 of neighbour pairs equal, CT/MR images 0.02-0.21).
+MAX_LABEL_ID = 1000
+MIN_LABEL_SAME_NEIGHBOURS = 0.5
 
 
 def is_volume_file(path: Path) -> bool:
@@ -78,6 +82,31 @@ def intensity_problem(summary: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def label_map_problem(array: np.ndarray, summary: dict[str, Any]) -> tuple[str, str] | None:
+    """``("label-map", reason)`` when ``array`` (C, I, J, K) looks like a segmentation, not an image.
+
+    Integer ids from 0 to at most :data:`MAX_LABEL_ID`, piecewise constant: at least
+    :data:`MIN_LABEL_SAME_NEIGHBOURS` of the neighbour pairs touching a labelled (non-zero) voxel are equal.
+    """
+    if summary["min"] != 0 or summary["max"] > MAX_LABEL_ID or summary["nonfinite"]:
+        return None
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        return None
+    labelled = array != 0
+    same = pairs = 0
+    for axis in range(1, array.ndim):
+        size = array.shape[axis]
+        touching = np.take(labelled, range(1, size), axis) | np.take(labelled, range(size - 1), axis)
+        same += int((np.diff(array, axis=axis) == 0)[touching].sum())
+        pairs += int(touching.sum())
+    if pairs == 0 or same / pairs < MIN_LABEL_SAME_NEIGHBOURS:
+        return None
+    return "label-map", (
+        f"looks like a label map (integer ids 0-{summary['max']:g}, piecewise constant), not an image; "
+        "use it as a segmentation label (see `medmae finetune --help`)"
+    )
+
+
 def inspect_volume(path: Path) -> dict[str, Any]:
     """Summary of a NIfTI/NRRD/MHA file; unreadable, 2D, degenerate or constant files are ``skip`` results."""
     try:
@@ -93,7 +122,7 @@ def inspect_volume(path: Path) -> dict[str, Any]:
             f"{MAX_CHANNELS_PER_FILE} channels per file",
         )
     summary = summarise_stats([pixel_stats(volume.array)])
-    problem = intensity_problem(summary)
+    problem = intensity_problem(summary) or label_map_problem(volume.array, summary)
     if problem:
         return skipped(*problem)
     notes = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
+from medmae.io.atomic import temporary_beside
 from medmae.io.readers import read_volume
 from medmae.io.volume import Volume, VolumeError
 
@@ -125,7 +125,7 @@ def score_rows(cases: list[CaseScores]) -> list[dict[str, object]]:
 def write_csv(rows: list[dict[str, object]], path: Path) -> Path:
     """Write rows as CSV atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     with os.fdopen(fd, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

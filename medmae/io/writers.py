@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medmae.io.atomic import temporary_beside
 from medmae.io.readers import volume_format
 from medmae.io.volume import LPS_TO_RAS, Volume, VolumeError
 
@@ -53,7 +53,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _atomic_target(path: Path) -> tuple[Path, int]:
     """A temporary file beside ``path`` with the same suffixes (writers pick the format from them)."""
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = temporary_beside(path, prefix=path.name.split(".")[0], suffix=suffix)
     return Path(tmp), fd
 
 

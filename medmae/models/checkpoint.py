@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medmae.io.atomic import temporary_beside
 from medmae.models.mae import MaskedAutoencoder3D
 from medmae.models.patching import grid_shape
 from medmae.models.pos_embed import sincos_3d
@@ -221,7 +221,7 @@ def monai_vit_kwargs(config: MAEConfig, img_size: Sequence[int]) -> dict[str, An
 
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_beside(path)
     os.close(fd)
     try:
         write(tmp)

@@ -132,7 +132,8 @@ class RestorationNet(nn.Module):
         refiner: voxel-level refinement (restoration checkpoints); None for a plain pretraining checkpoint.
         guided: the refiner also sees a classical estimate (:meth:`guide`) and predicts a residual over it
             instead of over the MAE's prediction; needs a refiner with 4 inputs.
-        smooth_sigma: Gaussian width (voxels) of the denoising guide.
+        smooth_sigma: Gaussian width (voxels) of the denoising guide; 0 makes the guide the noisy input itself
+            (the refiner then learns the noise to remove, as residual denoisers do; best for low noise).
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class RestorationNet(nn.Module):
         super().__init__()
         if guided and refiner is None:
             raise ValueError("a guided restoration network needs a refiner (refine_channels > 0)")
+        if smooth_sigma < 0:
+            raise ValueError(f"smooth_sigma must be >= 0 voxels (0: the noisy input is the guide), got {smooth_sigma}")
         self.mae = mae
         self.refiner = refiner
         self.guided = guided
@@ -186,13 +189,14 @@ class RestorationNet(nn.Module):
     def guide(self, volume: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The classical estimate a guided network refines, ``(B, 1, D, H, W)``; None when not guided.
 
-        ``mask`` given (inpainting): :func:`interpolate_masked`; None (denoising): :func:`gaussian_smooth`.
+        ``mask`` given (inpainting): :func:`interpolate_masked`; None (denoising): :func:`gaussian_smooth`
+        (``smooth_sigma`` 0: the input itself).
         Whole-volume repair computes it once on the whole array and passes windows of it.
         """
         if not self.guided:
             return None
         if mask is None:
-            return gaussian_smooth(volume, self.smooth_sigma)
+            return gaussian_smooth(volume, self.smooth_sigma) if self.smooth_sigma > 0 else volume
         return interpolate_masked(volume, mask)
 
     def inpaint(

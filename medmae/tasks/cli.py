@@ -92,6 +92,28 @@ class _CLI(LightningCLI):
             self.config = parser.parse_args(args)  # always a list: no "args and sys.argv" warning
         except ArgumentError as error:
             raise ConfigError(config_error_message(str(error), parser, list(args or []))) from None
+        loggers_follow_root_dir(self.config, list(args or []))
+
+
+def _on_command_line(argv: Sequence[str], key: str) -> bool:
+    """Whether ``--key`` (or ``--key=...``, or a ``--key.sub`` option) is in ``argv``."""
+    return any(arg == f"--{key}" or arg.startswith((f"--{key}=", f"--{key}.")) for arg in argv)
+
+
+def loggers_follow_root_dir(config: Any, argv: Sequence[str]) -> None:
+    """``--trainer.default_root_dir DIR`` on the command line moves the config's loggers to DIR as well.
+
+    The configs name their run folder twice (``default_root_dir`` and the logger's ``save_dir``, where the
+    checkpoints go); without this, overriding only the first leaves checkpoints in the config's folder.
+    A logger given on the command line (``--trainer.logger...``) is left as it is.
+    """
+    if not _on_command_line(argv, "trainer.default_root_dir") or _on_command_line(argv, "trainer.logger"):
+        return
+    loggers = config.trainer.logger
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and "save_dir" in init_args:
+            init_args.save_dir = config.trainer.default_root_dir
 
 
 def config_files(argv: Sequence[str]) -> list[str]:
@@ -181,7 +203,7 @@ def config_error_message(message: str, parser: LightningArgumentParser, argv: Se
     key, valid = unknown
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     suggestion = f" (did you mean {close[0]}?)" if close else ""
-    on_command_line = any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv)
+    on_command_line = _on_command_line(argv, key)
     in_file = next((path for path in reversed(files) if key in _yaml_keys(_read_yaml(path)[0])), None)
     where = f"{in_file}: " if in_file and not on_command_line else ""
     return f"{where}unknown key {key}{suggestion}"

@@ -88,7 +88,7 @@ class MAERestoreTask(L.LightningModule):
         guided: the refinement learns a residual over a classical estimate (linear interpolation across
             the masked voxels, Gaussian smoothing of noisy input) instead of over the MAE's prediction; an
             untrained guided network equals the classical estimate. Needs ``refine_channels > 0``.
-        smooth_sigma: Gaussian width (voxels) of the denoising guide.
+        smooth_sigma: Gaussian width (voxels) of the denoising guide (0: the noisy input itself).
         gap_widths: range of slice-gap widths (inclusive).
         gap_axes: axes along which slice gaps are cut (0, 1, 2).
         region_prob: probability of masking a random box instead of a slice gap.

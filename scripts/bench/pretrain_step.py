@@ -93,9 +93,26 @@ def build(kind: str, preset: str, size: int):
     return model, forward, step
 
 
+def count_cpu_attention() -> None:
+    """Give FlopCounterMode the formulas of PyTorch's CPU attention kernels: it has the GPU ones only, so CPU
+    counts would leave attention out."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    pairs = (
+        (aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop),
+    )
+    for op, formula in pairs:
+        if op not in flop_counter.flop_registry:  # the formulas are already shape-wrapped: register them raw
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
 def count_step_flops(forward) -> float:
     """FLOPs of one forward + backward (matmuls, convolutions, attention) by PyTorch's counter."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    count_cpu_attention()
 
     counter = FlopCounterMode(display=False)
     with counter:

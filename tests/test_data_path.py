@@ -13,6 +13,7 @@ import torch
 import medmae.data.preprocess as preprocess
 from medmae.data.cache import CachedCropDataset, PreprocessParams, preprocess_manifest
 from medmae.data.cache_dataset import AugmentDraw, CropAugmentation, _without_meta_tracking, render_crop
+from medmae.data.datamodule import centre_crop_transform
 from medmae.data.manifest import ScanRecord, write_manifest
 from medmae.data.preprocess import Normalisation, normalise, preprocess_volume
 from medmae.data.transforms import augmentation_transforms, preprocessing_transforms
@@ -130,3 +131,15 @@ def test_dataset_crops_are_flipped_scaled_and_shifted_copies_of_the_plain_crop(t
         expected = expected * np.float32(draw.gain or 1.0) + np.float32(draw.offset or 0.0)
         np.testing.assert_allclose(sample["image"].numpy(), expected, atol=1e-6)
         assert sample["image"].is_contiguous() and sample["image"].dtype == torch.float32
+
+
+def test_in_memory_crops_are_padded_with_the_background_as_the_cache_pads_them() -> None:
+    """A scan smaller than the ROI: the in-memory path pads each channel with its minimum (MR: the dark
+    surround after z-scoring, not 0 = the mean), exactly as :func:`render_crop` pads cached scans."""
+    scan = preprocess_volume(read_volume(HIPPO), "MR", None)
+    roi = tuple(s + extra for s, extra in zip(scan.array.shape[1:], (5, 2, 7)))
+    image = torch.from_numpy(scan.normalised())
+    assert float(image.min()) < -0.5  # 0 would be the scan's mean, not its background
+    ours = centre_crop_transform(roi)({"image": image})["image"]
+    cached = render_crop(scan.array, roi, scan.norms, scan.background(), AugmentDraw((False, False, False), None, None))
+    np.testing.assert_allclose(np.asarray(ours), cached, atol=1e-6)

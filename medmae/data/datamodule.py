@@ -24,6 +24,7 @@ from medmae.data.manifest import ScanRecord, read_manifest
 from medmae.data.preprocess import load_record
 from medmae.data.transforms import (
     IntensityConfig,
+    PadWithBackgroundd,
     augmentation_transforms,
     crop_transforms,
     preprocessing_transforms,
@@ -113,9 +114,9 @@ class CropDataset(Dataset):
 
 
 def centre_crop_transform(roi_size: Sequence[int]) -> Compose:
-    from monai.transforms import CenterSpatialCropd, SpatialPadd
+    from monai.transforms import CenterSpatialCropd
 
-    return Compose([SpatialPadd("image", tuple(roi_size)), CenterSpatialCropd("image", tuple(roi_size))])
+    return Compose([PadWithBackgroundd("image", roi_size), CenterSpatialCropd("image", tuple(roi_size))])
 
 
 class PretrainDataModule(L.LightningDataModule):

@@ -193,10 +193,34 @@ def preprocessing_transforms(
     return Compose(steps)
 
 
+class PadWithBackgroundd(MapTransform):
+    """Pad ``(C, X, Y, Z)`` images symmetrically to at least ``spatial_size``, each channel with its own minimum.
+
+    The minimum is the scan's background (air in CT, the dark surround in MR after normalisation), which is
+    what the preprocessed cache pads with; MONAI's ``SpatialPadd`` would pad with 0, which is the *mean* of a
+    z-scored MR scan.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.spatial_size = tuple(spatial_size)
+        self.pad = SpatialPadd("image", spatial_size=self.spatial_size, mode="constant")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            if all(size >= roi for size, roi in zip(image.shape[1:], self.spatial_size)):
+                continue
+            background = image.amin(dim=(1, 2, 3), keepdim=True)
+            out[key] = self.pad({"image": image - background})["image"] + background
+        return out
+
+
 def crop_transforms(roi_size: Sequence[int], keys: Sequence[str] = ("image",)) -> list[Transform]:
-    """Pad to at least ``roi_size`` and take one random crop of exactly ``roi_size``."""
+    """Pad to at least ``roi_size`` with the background and take one random crop of exactly ``roi_size``."""
     return [
-        SpatialPadd(list(keys), spatial_size=tuple(roi_size), mode="constant"),
+        PadWithBackgroundd(list(keys), roi_size),
         RandSpatialCropd(list(keys), roi_size=tuple(roi_size), random_size=False),
     ]
 

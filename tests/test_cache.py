@@ -13,6 +13,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from monai.transforms import Compose
 
 from medmae.data.cache import CachedCropDataset, EpochSampler, PreprocessParams, list_cached_ids, preprocess_manifest
+from medmae.data.cache_store import write_params
 from medmae.data.datamodule import PretrainDataModule
 from medmae.data.manifest import ScanRecord, write_manifest
 from medmae.data.preprocess import load_record, preprocess_volume
@@ -132,6 +133,12 @@ def test_datamodule_reads_training_crops_from_the_cache(manifest: Path, tmp_path
     settings = {"roi_size": [16, 16, 16], "batch_size": 2, "val_fraction": 0.2, "cache_dir": str(cache)}
     with pytest.raises(ValueError, match=r"preprocessed with spacing \[3.0, 3.0, 3.0\], but data.spacing"):
         PretrainDataModule(str(manifest), spacing=[1.5, 1.5, 1.5], **settings).setup("fit")  # not silently 3 mm
+    kept = tmp_path / "kept_spacing"  # `medmae preprocess --keep-spacing`: the fix is null, not "None"
+    write_params(kept, PreprocessParams(spacing=None))
+    with pytest.raises(
+        ValueError, match=r"spacing null, but data.spacing is \[1.5, 1.5, 1.5\]; set --data.spacing to null or"
+    ):
+        PretrainDataModule(str(manifest), **{**settings, "cache_dir": str(kept)}).setup("fit")
     data = PretrainDataModule(str(manifest), spacing=None, **settings)
     data.setup("fit")
     assert data.hparams.spacing == [3.0, 3.0, 3.0]  # what checkpoints record, for repair and export

@@ -27,6 +27,7 @@ from medmae.data.privacy import (
 )
 from medmae.data.scan import ScanOptions, scan_folder
 from medmae.data.transforms import IntensityConfig, preprocessing_transforms
+from medmae.restore.evaluate import evaluation_scans
 from tests.corpus_ingest import DICOMDIR_TESTS, SMALL_CT, copy_files, identified_copy, real_series_files
 
 IDENTITY = {
@@ -200,6 +201,30 @@ def test_a_folder_changed_after_the_scan_is_refused_until_scanned_again(tmp_path
     scan_folder(tmp_path / "archive", manifest, progress=False)
     assert json.loads(manifest.with_name("m.report.json").read_text())["files"]["read"] == 1
     (record,) = read_manifest(manifest)
+    expected = read_series([str(p) for p in files], Path("ct"))
+    np.testing.assert_array_equal(load_record(record, manifest.parent).array, expected.array)
+
+
+def test_evaluate_restore_reads_series_by_their_positions(uid_archive) -> None:
+    """``medmae evaluate-restore --manifest`` reads each series from its listed files, not the whole folder
+    (which holds two series here, and is the archive root for the one under UID folders)."""
+    _, manifest, _ = uid_archive
+    scans, skipped = evaluation_scans(manifest, False, [], manifest, "auto", None, 1024)
+    assert not skipped and [s.name for s in scans] == [r.id for r in read_manifest(manifest)]
+    for scan, record in zip(scans, read_manifest(manifest)):
+        np.testing.assert_array_equal(scan.array, load_record(record, manifest.parent).array[0])
+
+
+def test_a_manifest_written_into_the_archive_does_not_move_the_positions(tmp_path: Path) -> None:
+    """The scan's own outputs (written after the positions were taken, and sorted before a lower-case UID
+    folder here) and a hidden file added later (Finder's .DS_Store) do not count in the positions."""
+    archive = tmp_path / "archive"
+    files = _uid_named(real_series_files()[:10], archive / "series_1.3.12.2.1107.5.1.4.60064.55")
+    manifest = archive / "archive.jsonl"
+    scan_folder(archive, manifest, progress=False)
+    (archive / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (record,) = read_manifest(manifest)
+    assert record.image == [str(archive.resolve())] and "source_index" in record.info  # positions from the root
     expected = read_series([str(p) for p in files], Path("ct"))
     np.testing.assert_array_equal(load_record(record, manifest.parent).array, expected.array)
 

@@ -7,12 +7,15 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medmae.cli import main
 from medmae.data.manifest import read_manifest
 from medmae.data.parallel import robust_map
 from medmae.data.scan import ScanOptions, parse_shard, scan_folder
+from medmae.data.scan_files import label_map_problem, pixel_stats, summarise_stats
+from medmae.io.readers import read_volume
 from tests.corpus_ingest import DATA, SMALL_CT, SMALL_MR, bad_corpus, copy_files, nan_volume
 
 
@@ -88,6 +91,28 @@ def test_label_maps_beside_their_images_are_skipped_not_trained_on(tmp_path: Pat
     kept = sorted(record.id for record in read_manifest(output, check_files=False))
     assert kept == ["breast1_image", "example_ct_sm", "example_mr_sm", "imagesTr__hippocampus_003"]
     assert _report(output)["reasons"] == {"label-map": 4}
+
+
+def test_integer_images_with_a_zero_minimum_are_not_taken_for_label_maps() -> None:
+    """Real scans stored as small integers from 0 keep being read as images: CT mapped to uint8 over its full
+    Hounsfield range, MR quantised to uint8 with a zero (masked) background, MR upsampled x2 by nearest
+    neighbour; the smallest real lesion mask is still a label map."""
+
+    def problem(array: np.ndarray) -> tuple[str, str] | None:
+        return label_map_problem(array, summarise_stats([pixel_stats(array)]))
+
+    hounsfield = read_volume(DATA / "pyradiomics" / "lung1_image.nrrd").array.astype(np.float32)
+    brain = read_volume(DATA / "pyradiomics" / "brain1_image.nrrd").array.astype(np.float32)
+    breast = read_volume(DATA / "pyradiomics" / "breast1_image.nrrd").array
+    brain_uint8 = np.round(brain / brain.max() * 255).astype(np.uint8)
+    images = {
+        "CT as uint8 over -1024..3071 HU": np.round((hounsfield + 1024).clip(0, 4095) / 4095 * 255).astype(np.uint8),
+        "MR as uint8, background masked to 0": np.where(brain > np.percentile(brain, 30), brain_uint8, 0),
+        "MR upsampled x2 (nearest)": (breast - breast.min()).repeat(2, 1).repeat(2, 2).repeat(2, 3),
+    }
+    for name, array in images.items():
+        assert problem(array) is None, name
+    assert problem(read_volume(DATA / "pyradiomics" / "breast1_label.nrrd").array)[0] == "label-map"
 
 
 def test_shards_then_assembly_equal_one_scan(tmp_path: Path) -> None:

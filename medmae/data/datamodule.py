@@ -233,10 +233,10 @@ class PretrainDataModule(L.LightningDataModule):
             if given is None and key == "spacing":
                 continue
             if value is None or not np.allclose(np.asarray(given, float), np.asarray(value, float)):
-                shown = [float(v) for v in value] if value is not None else None
+                shown = [float(v) for v in value] if value is not None else "null"  # --keep-spacing
                 raise ValueError(
                     f"{hp.cache_dir}: preprocessed with {key} {shown}, but data.{key} is {list(given)}; "
-                    f"set --data.{key} to {shown}{' (or null)' if key == 'spacing' else ''} "
+                    f"set --data.{key} to {shown}{' (or null)' if key == 'spacing' and value is not None else ''} "
                     f"or run `medmae preprocess` again with the value you want"
                 )
         hp.spacing = [float(v) for v in params.spacing] if params.spacing is not None else None

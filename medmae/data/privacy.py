@@ -55,6 +55,8 @@ UID_PATTERN = re.compile(r"(?<![0-9])[0-2](?:\.[0-9]+){2,}")
 MIN_UID_LENGTH = 12
 # A file's place below a folder: its index in the folder's sorted listing, or one index per folder level.
 Position = int | list[int]
+# names of ``medmae manifest scan``'s outputs (manifest, report, state folder), left out of :func:`listing`
+SCAN_OUTPUT_SUFFIXES = (".jsonl", ".report.json", ".state")
 
 
 def load_or_create_salt(path: Path) -> str:
@@ -167,8 +169,15 @@ class UidNames:
         return f"file-{salted_hash(relative, self.salt)}" if self.below_root(relative) else relative
 
 
+def listing(folder: Path) -> list[str]:
+    """The sorted names of ``folder`` that positions count: not hidden names (never scanned: ``.DS_Store``,
+    temporary files), nor the scan's own outputs (``NAME.jsonl``, ``NAME.report.json``, ``NAME.state``), which
+    appear only after the scan that computed the positions when the manifest is written into the archive."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and not n.endswith(SCAN_OUTPUT_SUFFIXES))
+
+
 def positions(anchor: Path, files: Sequence[Path]) -> list[Position]:
-    """Each of ``files`` (all below ``anchor``) as its index in the sorted listing of its folder, or, below a
+    """Each of ``files`` (all below ``anchor``) as its index in the :func:`listing` of its folder, or, below a
     sub-folder, as the indices of every level from ``anchor`` down. Raises ``ValueError`` for a file not found."""
     listings: dict[Path, dict[str, int]] = {}
     out: list[Position] = []
@@ -176,7 +185,7 @@ def positions(anchor: Path, files: Sequence[Path]) -> list[Position]:
         route, folder = [], anchor
         for name in file.relative_to(anchor).parts:
             if folder not in listings:
-                listings[folder] = {n: i for i, n in enumerate(sorted(os.listdir(folder)))}
+                listings[folder] = {n: i for i, n in enumerate(listing(folder))}
             if name not in listings[folder]:
                 raise ValueError(f"{name} vanished from its folder during the scan")
             route.append(listings[folder][name])
@@ -208,7 +217,7 @@ def follow_positions(anchor: Path, places: Sequence[Position], expected: str, ke
             path = anchor
             for index in [place] if isinstance(place, int) else place:
                 if path not in listings:
-                    listings[path] = sorted(os.listdir(path))
+                    listings[path] = listing(path)
                 path = path / listings[path][index]
             files.append(path)
         found = source_hash(anchor, files, key)

@@ -212,6 +212,9 @@ def evaluation_scans(
 ) -> tuple[list[EvalScan], list[tuple[str, str]]]:
     """The clean scans to evaluate: a manifest's (optionally the checkpoint's validation split) and files.
 
+    A DICOM series record of ``medmae manifest scan`` is read from its listed files (``source`` names or
+    positions), as ``medmae preprocess`` reads it: its folder may hold other series.
+
     Returns:
         The scans, and ``(name, reason)`` for each scan skipped: missing, unreadable, NaN/Inf or constant.
 
@@ -220,28 +223,36 @@ def evaluation_scans(
         ValueError: nothing to evaluate, or every scan was skipped.
     """
     from medmae.data.datamodule import split_records
-    from medmae.data.manifest import read_manifest
+    from medmae.data.manifest import ScanRecord, read_manifest
+    from medmae.data.preprocess import load_record
     from medmae.inference.repair import resolve_modality
     from medmae.io import read_volume
     from medmae.io.readers import require_signal
     from medmae.models.checkpoint import load_checkpoint
 
-    entries: list[tuple[str, Path, str]] = []
+    entries: list[tuple[str, Path | ScanRecord, str]] = []
     if manifest is not None:
         records = read_manifest(manifest, check_files=False)  # a missing scan is skipped below, with the others
         if held_out:
             split = load_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
             records = split_records(records, float(split.get("val_fraction", 0.1)), int(split.get("seed", 0)))[1]
         entries += [
-            (r.id, Path(r.image[0]), r.modality if r.modality in ("CT", "MR") else modality) for r in records[:limit]
+            (
+                r.id,
+                r if r.info.get("series") else Path(r.image[0]),
+                r.modality if r.modality in ("CT", "MR") else modality,
+            )
+            for r in records[:limit]
         ]
     entries += [(Path(p).name.split(".")[0], Path(p), modality) for p in scans]
     if not entries:
         raise ValueError("nothing to evaluate: pass --manifest and/or --scan")
     out, skipped = [], []
-    for name, path, scan_modality in entries:
+    for name, source, scan_modality in entries:
         try:
-            volume = read_volume(path)
+            volume = (
+                load_record(source, Path(manifest).parent) if isinstance(source, ScanRecord) else read_volume(source)
+            )
             require_signal(volume)
         except SCAN_ERRORS as error:
             skipped.append((name, one_line(error)))

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from medmae.cli import main
 from medmae.data.datamodule import PretrainDataModule
+from medmae.tasks.callbacks import StepRunProgressBar
 from medmae.tasks.pretrain import MAEPretrainTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +177,15 @@ def test_every_pretrain_config_instantiates(config: Path, hippo_manifest: Path) 
     )
     patch = cli.model.config.patch_size
     assert all(r % p == 0 for r, p in zip(cli.datamodule.roi_size, patch))
+
+
+@pytest.mark.real_data
+def test_a_step_limited_run_shows_its_epoch_without_minus_two(hippo_manifest: Path, tmp_path: Path) -> None:
+    """Lightning's rich bar reads ``Epoch 0/-2`` when ``max_epochs`` is -1 (runs limited by steps); ours reads
+    ``Epoch 0``, and a run limited by epochs keeps Lightning's ``Epoch 0/1``."""
+    for max_steps, max_epochs, expected in ((2, None, "Epoch 0"), (-1, 2, "Epoch 0/1")):
+        run = trainer(tmp_path, max_steps, max_epochs=max_epochs, enable_progress_bar=True, limit_train_batches=1)
+        run.fit(tiny_task(), datamodule=data(hippo_manifest, val_fraction=0.0))
+        bar = run.progress_bar_callback
+        assert isinstance(bar, StepRunProgressBar)
+        assert bar._get_train_description(0).strip() == expected

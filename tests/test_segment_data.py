@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medmae.data.manifest import ScanRecord, read_manifest, write_manifest
-from medmae.data.seg_datamodule import SegDataModule, preprocess_labelled, seg_splits
-from medmae.data.transforms import IntensityConfig
-from medmae.io import VolumeError, read_volume, write_volume
+from medmae.data.seg_datamodule import SegDataModule, preprocess_labelled, report_classes, seg_splits
+from medmae.data.transforms import IntensityConfig, preprocessing_transforms
+from medmae.io import Volume, VolumeError, read_volume, write_volume
 
 ROOT = Path(__file__).resolve().parents[1]
-HIPPO = ROOT.parent / "shared" / "data" / "hippocampus"
+DATA = ROOT.parent / "shared" / "data"
+HIPPO = DATA / "hippocampus"
+SAMPLES = DATA / "ct_mr_samples"
+DICOM = DATA / "ct_dicom_series"
+RADIOMICS = DATA / "pyradiomics"
 
 pytestmark = pytest.mark.real_data
 
@@ -93,3 +98,37 @@ def test_training_crops_hold_foreground(hippo_manifest: Path) -> None:
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape == (2, 1, 32, 32, 32) and batch["label"].shape == (2, 1, 32, 32, 32)
     assert all(int((label > 0).sum()) > 0 for label in batch["label"])
+
+
+def test_label_stored_in_another_axis_order_is_used_on_the_image_grid(tmp_path: Path) -> None:
+    """The DICOM series' label map covers the same voxels with the y axis flipped: same result as in image order."""
+    series, stored = DICOM / "series", DICOM / "example_seg_dicom.nii.gz"
+    image, label = read_volume(series), read_volume(stored)
+    assert not label.same_grid(image, atol=1e-3)
+    aligned = label.aligned_to(image)
+    assert aligned is not None and aligned.same_grid(image, atol=1e-3)
+    np.testing.assert_array_equal(aligned.array, label.array[:, :, ::-1])  # reference: the flip by hand
+    in_image_order = write_volume(Volume(label.array[:, :, ::-1].copy(), image.affine), tmp_path / "seg.nii.gz")
+    pipeline = preprocessing_transforms("CT", None, IntensityConfig(), "label", crop_foreground=False)
+    expected = pipeline({"image": str(series), "label": str(in_image_order)})["label"]
+    np.testing.assert_array_equal(pipeline({"image": str(series), "label": str(stored)})["label"], expected)
+    assert label.aligned_to(read_volume(SAMPLES / "example_ct_sm.nii.gz")) is None  # another grid stays an error
+
+
+def test_gapped_117_class_label_map_names_the_class_count_it_needs(caplog: pytest.LogCaptureFixture) -> None:
+    """A TotalSegmentator map (ids up to 117, 41 present): the error says 118; with 118 the ids are kept as they
+    are (no remapping) and the classes no training scan has are reported."""
+    scan = ScanRecord("ct", [str(SAMPLES / "example_ct_sm.nii.gz")], str(SAMPLES / "example_seg.nii.gz"), "CT")
+    with pytest.raises(VolumeError, match=r"at least 118 for label values up to 117"):
+        preprocess_labelled([scan], None, IntensityConfig(), num_classes=3)
+    volumes = preprocess_labelled([scan], None, IntensityConfig(), num_classes=118)
+    truth = np.unique(read_volume(scan.label).array)
+    np.testing.assert_array_equal(np.unique(volumes[0][2].numpy()), truth)
+    with caplog.at_level(logging.WARNING):
+        absent = report_classes(volumes, 118)
+    assert absent == sorted(set(range(1, 118)) - set(truth.tolist())) and "76 of the 117 foreground" in caplog.text
+    lesion = ScanRecord("b", [str(RADIOMICS / "breast1_image.nrrd")], str(RADIOMICS / "breast1_label.nrrd"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert report_classes(preprocess_labelled([lesion], None, IntensityConfig(), 3), 3) == [2]
+    assert "num_classes=3 but the largest label value is 1" in caplog.text

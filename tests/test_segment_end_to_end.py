@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -15,9 +16,10 @@ from medmae.cli import main
 from medmae.data.datamodule import PretrainDataModule
 from medmae.data.seg_datamodule import SegDataModule
 from medmae.data.transforms import IntensityConfig, preprocessing_transforms
-from medmae.evaluation.seg_metrics import label_scores
+from medmae.evaluation.seg_metrics import evaluate_folders, label_scores
 from medmae.inference.segment import inference_transforms, load_segmenter, to_input_grid
-from medmae.io import read_volume
+from medmae.io import Volume, read_volume, write_volume
+from medmae.io.volume import reorder_axes
 from medmae.models.checkpoint import load_pretrained_mae
 from medmae.tasks.pretrain import MAEPretrainTask
 from medmae.tasks.segment import SegmentTask
@@ -173,3 +175,33 @@ def test_demo_step(pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path) ->
     result = run_segmentation_demo(tmp_path, pretrain_ckpt, hippo_manifest, max_steps=6)
     assert result["figure"].is_file() and 0.0 <= result["dice"] <= 1.0
     assert result["scan"] not in result["train_scans"] and len(result["train_scans"]) == 5
+
+
+def test_many_class_probabilities_are_resampled_a_few_classes_at_a_time() -> None:
+    """118 classes (TotalSegmentator CT) resampled 3 classes at a time give the one-pass arg-max exactly."""
+    truth = read_volume(SAMPLES / "example_seg.nii.gz")
+    hparams = {"modality": "CT", "spacing": [4.0, 4.0, 4.0], "ct_window": [-1000, 1000], "mr_percentiles": [0.5, 99.5]}
+    image = inference_transforms(hparams)({"image": str(SAMPLES / "example_ct_sm.nii.gz")})["image"]
+    logits = torch.randn((118, *image.shape[1:]), generator=torch.Generator().manual_seed(0))
+    probabilities = image.clone().set_array(torch.softmax(logits, 0))
+    whole = to_input_grid(probabilities, truth, max_elements=10**12)
+    chunked = to_input_grid(probabilities, truth, max_elements=3 * int(np.prod(truth.spatial_shape)))
+    np.testing.assert_array_equal(chunked, whole)
+    assert whole.shape == truth.spatial_shape and len(np.unique(whole)) > 100
+
+
+def test_evaluate_pairs_by_case_and_accepts_another_axis_order(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A prediction written RAS as .nrrd scores Dice 1 against its LPS .nii.gz truth; a name mismatch lists both."""
+    truth = read_volume(MR_LPS_SEG)
+    array, affine = reorder_axes(truth.array, truth.affine, np.eye(4))  # the same voxels in RAS order
+    assert "".join(nib.aff2axcodes(affine)) == "RAS" and truth.orientation == "LPS"
+    predictions, truths = tmp_path / "pred", tmp_path / "truth"
+    predictions.mkdir()
+    truths.mkdir()
+    write_volume(Volume(array.copy(), affine), predictions / "mr.nrrd")
+    (truths / "mr.nii.gz").symlink_to(MR_LPS_SEG)
+    (scores,) = evaluate_folders(predictions, truths)
+    assert scores.case == "mr.nii.gz" and np.nanmin(scores.dice) == 1.0 and np.nanmax(scores.hd95) == 0.0
+    (truths / "mr.nii.gz").rename(truths / "mr_label.nii.gz")
+    assert main(["evaluate-seg", "--pred", str(predictions), "--truth", str(truths)]) == 2
+    assert "['mr_label.nii.gz']; unmatched predictions: ['mr.nrrd']" in capsys.readouterr().err

@@ -82,9 +82,15 @@ def check_label(label: torch.Tensor, num_classes: int, where: str) -> torch.Tens
     values = torch.unique(rounded).long()
     bad = [int(v) for v in values if not 0 <= v < num_classes]
     if bad:
+        hint = (
+            f"at least {bad[-1] + 1} for label values up to {bad[-1]}"
+            if bad[0] >= 0
+            else "negative values are not class ids"
+        )
         raise VolumeError(
-            f"{where}: label values {bad} are outside 0 .. {num_classes - 1} (num_classes={num_classes}); "
-            f"set num_classes to the number of classes including background"
+            f"{where}: label values {short_list(bad)} are outside 0 .. {num_classes - 1} (num_classes={num_classes}); "
+            f"set --data.num_classes and --model.num_classes to the number of classes including background "
+            f"({hint}; values are class ids, gaps allowed)"
         )
     return rounded.to(torch.int64)
 
@@ -159,6 +165,38 @@ def preprocess_labelled(
     if skipped:
         raise VolumeError(skipped[0][1])
     return volumes
+
+
+def report_classes(volumes: Sequence[tuple[str, torch.Tensor, torch.Tensor]], num_classes: int) -> list[int]:
+    """Log the label values of the training volumes; warn about classes ``1 .. num_classes-1`` none of them has.
+
+    Returns:
+        The absent classes (a too large ``num_classes``, or classes these few scans do not show).
+    """
+    found = sorted({int(v) for _, _, label in volumes for v in torch.unique(label)})
+    absent = sorted(set(range(1, num_classes)) - set(found))
+    log.info("label values in the %d training scans: %s (num_classes=%d)", len(volumes), found, num_classes)
+    if absent:
+        hint = (
+            f"; num_classes={num_classes} but the largest label value is {found[-1]}"
+            if found[-1] + 1 < num_classes
+            else ""
+        )
+        log.warning(
+            "%d of the %d foreground classes occur in no training label (%s): they cannot be learned%s",
+            len(absent),
+            num_classes - 1,
+            short_list(absent),
+            hint,
+        )
+    return absent
+
+
+def short_list(values: Sequence[int], limit: int = 10) -> str:
+    """``[1, 2, 3]`` or, past ``limit`` values, ``[1, 2, ..., 117] (42 values)``."""
+    if len(values) <= limit:
+        return str(list(values))
+    return f"[{', '.join(map(str, values[: limit - 1]))}, ..., {values[-1]}] ({len(values)} values)"
 
 
 class LabelledVolumes(Dataset):
@@ -331,6 +369,7 @@ class SegDataModule(L.LightningDataModule):
             )
         if not train:
             raise ValueError(f"{hp.manifest}: no labelled training scan could be loaded: {self.skipped[0][1]}")
+        report_classes(train, self.num_classes)
         by_id = {r.id: r for r in splits.pool}
         self.splits = replace(splits, train=[by_id[v[0]] for v in train], val=[r for r in splits.val if r.id in loaded])
         return train, val

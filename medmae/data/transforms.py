@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from medmae.io.readers import read_volume
-from medmae.io.volume import Volume, VolumeError
+from medmae.io.volume import Volume, VolumeError, grid_text, reorder_axes
 
 
 @dataclass(frozen=True)
@@ -131,18 +131,27 @@ class LoadVolumed(MapTransform):
         for key in self.key_iterator(out):
             out[key] = self._load(out[key])
         if self.reference_key in out:
-            reference = out[self.reference_key]
             for key in self.key_iterator(out):
-                if key == self.reference_key:
-                    continue
-                same_shape = tuple(out[key].shape[1:]) == tuple(reference.shape[1:])
-                if not same_shape or not torch.allclose(out[key].affine, reference.affine, atol=1e-3):
-                    raise VolumeError(
-                        f"{out[key].meta['filename_or_obj']}: {key} is on another grid than its image "
-                        f"{reference.meta['filename_or_obj']} (shape {tuple(out[key].shape[1:])} vs "
-                        f"{tuple(reference.shape[1:])}); resample it onto the image grid"
-                    )
+                if key != self.reference_key:
+                    out[key] = self._on_grid(out[key], out[self.reference_key], key)
         return out
+
+    @staticmethod
+    def _on_grid(volume: MetaTensor, reference: MetaTensor, key: str) -> MetaTensor:
+        """``volume`` in ``reference``'s voxel order: as it is, or with axes flipped/permuted when it covers the
+        same voxels in another order (no interpolation); any other grid is an error naming both grids."""
+        shape, affine, target = tuple(reference.shape[1:]), volume.affine.numpy(), reference.affine.numpy()
+        if tuple(volume.shape[1:]) == shape and np.allclose(affine, target, atol=1e-3):
+            return volume
+        array, aligned = reorder_axes(volume.numpy(), affine, target)
+        if tuple(array.shape[1:]) == shape and np.allclose(aligned, target, atol=1e-3):
+            array = torch.from_numpy(np.ascontiguousarray(array))
+            return MetaTensor(array, affine=torch.as_tensor(aligned), meta=dict(volume.meta))
+        raise VolumeError(
+            f"{volume.meta['filename_or_obj']}: {key} is on another grid than its image "
+            f"{reference.meta['filename_or_obj']} ({grid_text(volume.shape[1:], affine)} vs "
+            f"{grid_text(reference.shape[1:], target)}); resample it onto the image grid"
+        )
 
 
 def foreground(image: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Dice and 95th-percentile Hausdorff distance per class (MONAI metrics), per case and on average.
 
+Predictions and truths are paired by case name: the file name without its volume suffix.
+
 Conventions (as in the Medical Segmentation Decathlon / nnU-Net evaluations): background is not scored;
 a class absent from both prediction and truth has Dice NaN and is left out of means; HD95 is in
 millimetres (the truth's voxel spacing) and NaN when the class is missing from either map.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +48,25 @@ def label_scores(
     present = (pred.flatten(2).any(2) & true.flatten(2).any(2))[0, 1:]
     hd95 = torch.full_like(dice, float("nan"))
     if present.any():
-        distances = compute_hausdorff_distance(
-            pred, true, include_background=False, percentile=95, spacing=list(spacing)
-        )
+        with warnings.catch_warnings():  # MONAI warns for each class missing from a map: those are n/a here
+            warnings.filterwarnings("ignore", message="the (prediction|ground truth) of class", category=UserWarning)
+            warnings.filterwarnings("ignore", message="monai.metrics.utils get_mask_edges", category=FutureWarning)
+            distances = compute_hausdorff_distance(
+                pred, true, include_background=False, percentile=95, spacing=list(spacing)
+            )
         hd95 = torch.where(present, distances[0].to(hd95.dtype), hd95)
     return [float(v) for v in dice], [float(v) for v in hd95]
 
 
 def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str, hd95: bool = True) -> CaseScores:
     """Scores of one prediction against its truth; both must be single-channel on the same grid."""
-    if not prediction.same_grid(truth, atol=1e-3):
+    aligned = prediction.aligned_to(truth)  # the same voxels stored in another axis order count as the same grid
+    if aligned is None:
         raise VolumeError(
-            f"{prediction.path}: prediction is on another grid than its truth {truth.path} (shape "
-            f"{prediction.spatial_shape} vs {truth.spatial_shape}); predict on the truth's image grid"
+            f"{prediction.path}: prediction is on another grid than its truth {truth.path} "
+            f"({prediction.grid_text()} vs {truth.grid_text()}); predict on the truth's image grid"
         )
+    prediction = aligned
     for volume in (prediction, truth):
         if volume.num_channels != 1:
             raise VolumeError(f"{volume.path}: a label map must have one channel, got {volume.num_channels}")
@@ -73,11 +81,29 @@ def score_case(prediction: Volume, truth: Volume, num_classes: int, case: str, h
     return CaseScores(case, dice, distances)
 
 
+def case_name(path: Path) -> str:
+    """A file's name without its volume suffix: ``case_001.nii.gz`` and ``case_001.nrrd`` are case ``case_001``."""
+    suffix = next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), "")
+    return path.name[: len(path.name) - len(suffix)]
+
+
 def case_files(folder: Path) -> dict[str, Path]:
-    """Label-map files of a folder by file name."""
+    """Label-map files of a folder by case name (file name without its volume suffix).
+
+    Raises:
+        VolumeError: not a folder, or two files of one case (``a.nii.gz`` and ``a.nrrd``).
+    """
     if not folder.is_dir():
         raise VolumeError(f"{folder}: not a folder of label maps")
-    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(VOLUME_SUFFIXES)}
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES)):
+        if case_name(path) in files:
+            raise VolumeError(
+                f"{folder}: two label maps of case {case_name(path)!r}: {files[case_name(path)].name}"
+                f" and {path.name}; keep one"
+            )
+        files[case_name(path)] = path
+    return files
 
 
 def evaluate_folders(pred_dir: Path, truth_dir: Path, num_classes: int | None = None) -> list[CaseScores]:
@@ -92,20 +118,24 @@ def evaluate_folders(pred_dir: Path, truth_dir: Path, num_classes: int | None = 
     predictions = case_files(pred_dir)
     missing = sorted(set(truths) - set(predictions))
     if missing:
+        unmatched = sorted(predictions[name].name for name in set(predictions) - set(truths))
         raise VolumeError(
-            f"{pred_dir}: no prediction for {len(missing)} truth file(s), e.g. {missing[:3]}; "
-            "predictions must have the truths' file names"
+            f"{pred_dir}: no prediction for {len(missing)} truth file(s), e.g. "
+            f"{[truths[name].name for name in missing[:3]]}; unmatched predictions: {unmatched[:3] or 'none'}; "
+            "a prediction must have its truth's file name (the volume suffix may differ)"
         )
-    pairs = [(read_volume(predictions[name]), read_volume(path), name) for name, path in truths.items()]
+    pairs = [(read_volume(predictions[name]), read_volume(path), truths[name].name) for name, path in truths.items()]
     if num_classes is None:
         num_classes = 1 + int(max(np.max(truth.array) for _, truth, _ in pairs))
     return [score_case(pred, truth, num_classes, name) for pred, truth, name in pairs]
 
 
 def mean_scores(cases: list[CaseScores]) -> CaseScores:
-    """NaN-ignoring mean per class over cases."""
-    dice = np.nanmean(np.array([c.dice for c in cases], dtype=float), axis=0) if cases else np.array([])
-    hd95 = np.nanmean(np.array([c.hd95 for c in cases], dtype=float), axis=0) if cases else np.array([])
+    """NaN-ignoring mean per class over cases (NaN for a class that is n/a in every case)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
+        dice = np.nanmean(np.array([c.dice for c in cases], dtype=float), axis=0) if cases else np.array([])
+        hd95 = np.nanmean(np.array([c.hd95 for c in cases], dtype=float), axis=0) if cases else np.array([])
     return CaseScores("mean", dice.tolist(), hd95.tolist())
 
 

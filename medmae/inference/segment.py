@@ -33,6 +33,7 @@ from medmae.models.checkpoint import CheckpointError, load_task_checkpoint, load
 from medmae.tasks.segment import GEOMETRY_KEYS, TASK_NAME, SegmentTask
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+RESAMPLE_ELEMENTS = 2**27  # class probabilities resampled onto the input grid at once (1 GiB in float64)
 REPORT_NAME = "segment_report.json"  # written into the output folder when a folder of scans is segmented
 
 
@@ -74,14 +75,30 @@ def predict_probabilities(model: SegmentTask, image: MetaTensor, progress: bool 
     return MetaTensor(torch.softmax(logits[0].float(), 0).cpu(), affine=image.affine)
 
 
-def to_input_grid(probabilities: MetaTensor, reference: Volume) -> np.ndarray:
-    """Resample ``(classes, ...)`` probabilities onto ``reference``'s grid and take the arg-max ``(I, J, K)``."""
-    resampled = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False)(
-        probabilities,
-        dst_affine=torch.as_tensor(reference.affine, dtype=torch.float64),
-        spatial_size=reference.spatial_shape,
-    )
-    return torch.as_tensor(resampled).argmax(0).numpy()
+def to_input_grid(probabilities: MetaTensor, reference: Volume, max_elements: int = RESAMPLE_ELEMENTS) -> np.ndarray:
+    """Resample ``(classes, ...)`` probabilities onto ``reference``'s grid and take the arg-max ``(I, J, K)``.
+
+    Classes are resampled a few at a time (at most ``max_elements`` output values at once) with a running
+    maximum, so a many-class model (117 TotalSegmentator classes) needs memory for a few classes, not all; the
+    result is the same as one arg-max over all classes (ties go to the lower class).
+    """
+    resample = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False)
+    target = torch.as_tensor(reference.affine, dtype=torch.float64)
+    classes = probabilities.as_tensor()
+    step = max(1, max_elements // int(np.prod(reference.spatial_shape)))
+
+    def resampled_max(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part = MetaTensor(classes[start : start + step], affine=probabilities.affine)
+        part = resample(part, dst_affine=target, spatial_size=reference.spatial_shape)
+        value, index = torch.as_tensor(part).max(0)
+        return value, index + start
+
+    best, labels = resampled_max(0)
+    for start in range(step, classes.shape[0], step):
+        value, index = resampled_max(start)
+        better = value > best
+        best, labels = torch.where(better, value, best), torch.where(better, index, labels)
+    return labels.numpy()
 
 
 def label_dtype(num_classes: int) -> np.dtype:

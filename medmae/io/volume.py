@@ -85,3 +85,29 @@ class Volume:
     def with_array(self, array: np.ndarray) -> Volume:
         """A copy on the same grid and header with new voxel data ``(C, I, J, K)``."""
         return Volume(array, self.affine.copy(), self.path, self.format, self.header, dict(self.extra))
+
+    def aligned_to(self, reference: Volume, atol: float = 1e-3) -> Volume | None:
+        """This volume in ``reference``'s voxel order when both cover the same voxels with axes flipped or
+        permuted (a label map stored LPS for an RAS image, say), else None. Lossless: no interpolation."""
+        array, affine = reorder_axes(self.array, self.affine, reference.affine)
+        aligned = Volume(array, affine, self.path, self.format, self.header, dict(self.extra))
+        return aligned if aligned.same_grid(reference, atol) else None
+
+    def grid_text(self) -> str:
+        """Shape, axis codes, spacing and origin, for messages about grids that differ."""
+        return grid_text(self.spatial_shape, self.affine)
+
+
+def reorder_axes(array: np.ndarray, affine: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip/transpose ``(C, I, J, K)`` so its voxel axes point as ``target``'s do; a view, and its new affine."""
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.io_orientation(target))
+    moved = nib.orientations.apply_orientation(np.moveaxis(array, 0, -1), ornt)
+    return np.moveaxis(moved, -1, 0), affine @ nib.orientations.inv_ornt_aff(ornt, array.shape[1:])
+
+
+def grid_text(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    """``shape (I, J, K), LPS, spacing (x, y, z) mm, origin (x, y, z) mm`` of a grid (RAS+ world)."""
+    spacing = ", ".join(f"{s:.3g}" for s in np.linalg.norm(affine[:3, :3], axis=0))
+    origin = ", ".join(f"{o:.1f}" for o in affine[:3, 3])
+    codes = "".join(nib.orientations.aff2axcodes(affine))
+    return f"shape {tuple(int(s) for s in shape)}, {codes}, spacing ({spacing}) mm, origin ({origin}) mm"

@@ -7,7 +7,7 @@ Layout::
     CACHE/scans/<id>.json         id, shape, dtype, affine, per-channel normalisation, params and source
                                   fingerprints: written last, so a scan counts as cached only once complete
     CACHE/preprocess_report.json  what the last ``medmae preprocess`` built, reused and skipped
-    CACHE/scans/.<id>.npy.XXXXXXXX  a temporary file of an interrupted write: never read, removed by the next
+    CACHE/scans/.<id>.npy.<random>  a temporary file of an interrupted write: never read, removed by the next
                                   ``medmae preprocess``; every file is renamed into place once complete
 
 Nothing identifying is stored: ids come from the manifest (salted hashes for DICOM series), paths are not.
@@ -80,7 +80,8 @@ def entry_name(scan_id: str) -> str:
 
 
 def atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    """``write(handle)`` into a temporary file beside ``path`` (``.NAME.XXXXXXXX``), then rename it over ``path``.
+    """``write(handle)`` into a temporary file beside ``path`` (``.NAME.<8 random characters>``), then rename it
+    over ``path``.
 
     The data reach the disk before the rename, so even a power cut leaves either the old or the new file.
     """

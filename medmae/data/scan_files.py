@@ -98,9 +98,10 @@ def label_map_problem(array: np.ndarray, summary: dict[str, Any]) -> tuple[str, 
     labelled = array != 0
     same = pairs = 0
     for axis in range(1, array.ndim):
-        size = array.shape[axis]
-        both = np.take(labelled, range(1, size), axis) & np.take(labelled, range(size - 1), axis)
-        same += int((np.diff(array, axis=axis) == 0)[both].sum())
+        after = tuple(slice(1, None) if a == axis else slice(None) for a in range(array.ndim))
+        before = tuple(slice(None, -1) if a == axis else slice(None) for a in range(array.ndim))
+        both = labelled[after] & labelled[before]  # views: no copy of the volume per axis
+        same += int((array[after] == array[before])[both].sum())
         pairs += int(both.sum())
     if pairs == 0 or same / pairs < MIN_LABEL_SAME_NEIGHBOURS:
         return None

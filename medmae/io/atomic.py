@@ -28,7 +28,7 @@ def current_umask() -> int:
 
 
 def temporary_beside(path: Path, prefix: str | None = None, suffix: str = "") -> tuple[int, str]:
-    """``(fd, name)`` of a new hidden file in ``path``'s folder (``.PREFIX.XXXXXXXX SUFFIX``), mode
+    """``(fd, name)`` of a new hidden file in ``path``'s folder (``.PREFIX.<8 random characters>SUFFIX``), mode
     ``0o666 & ~umask``; the caller writes it and renames it over ``path`` (``os.replace``)."""
     stem = path.name if prefix is None else prefix
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)

@@ -212,8 +212,8 @@ def evaluation_scans(
 ) -> tuple[list[EvalScan], list[tuple[str, str]]]:
     """The clean scans to evaluate: a manifest's (optionally the checkpoint's validation split) and files.
 
-    A DICOM series record of ``medmae manifest scan`` is read from its listed files (``source`` names or
-    positions), as ``medmae preprocess`` reads it: its folder may hold other series.
+    Manifest records are read as ``medmae preprocess`` reads them (:func:`~medmae.data.preprocess.load_record`):
+    a DICOM series from its listed files (``source`` names or positions), since its folder may hold others.
 
     Returns:
         The scans, and ``(name, reason)`` for each scan skipped: missing, unreadable, NaN/Inf or constant.
@@ -236,14 +236,7 @@ def evaluation_scans(
         if held_out:
             split = load_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
             records = split_records(records, float(split.get("val_fraction", 0.1)), int(split.get("seed", 0)))[1]
-        entries += [
-            (
-                r.id,
-                r if r.info.get("series") else Path(r.image[0]),
-                r.modality if r.modality in ("CT", "MR") else modality,
-            )
-            for r in records[:limit]
-        ]
+        entries += [(r.id, r, r.modality if r.modality in ("CT", "MR") else modality) for r in records[:limit]]
     entries += [(Path(p).name.split(".")[0], Path(p), modality) for p in scans]
     if not entries:
         raise ValueError("nothing to evaluate: pass --manifest and/or --scan")

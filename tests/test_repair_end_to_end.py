@@ -187,13 +187,18 @@ def test_restoration_fit_improves_gap_psnr(pretrain_ckpt: Path, hippo_manifest: 
     assert state["hyper_parameters"]["task"] == "mae-restore"
     assert {k.split(".")[0] for k in state["state_dict"]} == {"model", "refiner"}
     assert gap_psnr(restore_ckpt) > gap_psnr(pretrain_ckpt) + 0.5
-    # a further stage with the same refinement settings continues from its weights; other settings start fresh
+    # a further stage with the same refinement settings continues from its weights, a wider one from the
+    # same function (new channels added), a deeper one starts fresh
     trained = {k.removeprefix("refiner."): v for k, v in state["state_dict"].items() if k.startswith("refiner.")}
     again = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=8, loss="mse")
     for key, value in again.refiner.state_dict().items():
         torch.testing.assert_close(value, trained[key])
     wider = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=12)
-    assert not wider.refiner.layers[-1].weight.any()
+    inputs = [torch.randn(1, 1, 8, 8, 8) for _ in range(4)]
+    torch.testing.assert_close(wider.refiner(*inputs), again.refiner(*inputs))
+    assert wider.refiner(*inputs).abs().max() > 0
+    deeper = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=8, refine_depth=4)
+    assert not deeper.refiner.layers[-1].weight.any()
 
 
 def test_untrained_guided_network_is_the_classical_estimate(pretrain_ckpt: Path) -> None:

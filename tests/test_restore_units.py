@@ -131,6 +131,25 @@ def test_refiner_starts_at_zero_and_every_parameter_learns():
     assert refiner.layers[-1].weight.grad.abs().sum() > 0
 
 
+def test_widened_refiner_computes_what_the_narrow_one_did_and_grows_new_channels():
+    torch.manual_seed(0)
+    narrow = Refiner(4, inputs=4, depth=4)
+    for layer in narrow.layers:  # a "trained" refinement: no zero last layer
+        if isinstance(layer, torch.nn.Conv3d):
+            torch.nn.init.normal_(layer.weight, std=0.1)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    wide = Refiner(7, inputs=4, depth=4)
+    wide.load_narrower(narrow.state_dict())
+    inputs = [torch.randn(2, 1, 6, 6, 6) for _ in range(4)]
+    torch.testing.assert_close(wide(*inputs), narrow(*inputs))
+    (wide(*inputs) - 1).square().mean().backward()
+    assert wide.layers[-1].weight.grad[:, 4:].abs().sum() > 0  # the new channels feed the output from step 1
+    with pytest.raises(ValueError, match="cannot narrow"):
+        Refiner(3, inputs=4, depth=4).load_narrower(narrow.state_dict())
+    with pytest.raises(ValueError, match="not a refinement of depth 3"):
+        Refiner(7, inputs=4, depth=3).load_narrower(narrow.state_dict())
+
+
 def test_psnr_in_mask_by_hand():
     truth = np.zeros((4, 4, 4))
     truth[1, 1, 1], truth[2, 2, 2] = 10.0, 5.0

@@ -52,6 +52,35 @@ class Refiner(nn.Module):
         dtype = channels[0].dtype
         return self.layers(torch.cat([c.to(dtype) for c in channels], dim=1))
 
+    @torch.no_grad()
+    def load_narrower(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a trained refinement with fewer channels (same inputs and depth), computing the same output.
+
+        Net2Net-style widening: the old channels keep their weights, the new ones keep their random
+        incoming weights, and every weight *from* a new channel starts at zero, so the widened refinement
+        returns exactly what the narrow one did and training grows the new channels from there.
+
+        Raises:
+            ValueError: ``state`` is not a refinement with the same inputs and depth and at most as many channels.
+        """
+        convs = [layer for layer in self.layers if isinstance(layer, nn.Conv3d)]
+        old = [(state.get(f"layers.{2 * i}.weight"), state.get(f"layers.{2 * i}.bias")) for i in range(len(convs))]
+        expected_keys = {f"layers.{2 * i}.{name}" for i in range(len(convs)) for name in ("weight", "bias")}
+        first = old[0][0]
+        if set(state) != expected_keys or first is None or first.shape[1] != convs[0].in_channels:
+            raise ValueError(
+                f"not a refinement of depth {len(convs)} with {convs[0].in_channels} inputs: {sorted(state)[:4]}"
+            )
+        narrow = first.shape[0]
+        if narrow > convs[0].out_channels:
+            raise ValueError(f"cannot narrow a refinement from {narrow} to {convs[0].out_channels} channels")
+        for index, (conv, (weight, bias)) in enumerate(zip(convs, old)):
+            out_old = weight.shape[0]
+            if index > 0:  # inputs from new channels start at zero
+                conv.weight[:out_old, narrow:] = 0.0
+            conv.weight[:out_old, : weight.shape[1]] = weight
+            conv.bias[:out_old] = bias
+
 
 def interpolate_masked(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of the masked voxels from the nearest intact voxels along each axis.

@@ -48,6 +48,26 @@ def load_refiner_state(path: str, refiner: Refiner) -> None:
         ) from None
 
 
+def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: Refiner) -> None:
+    """Start ``refiner`` from the restoration checkpoint ``path`` when it has a compatible refinement.
+
+    Same settings: its weights are loaded. Same depth and guidance but fewer channels: they are widened
+    (:meth:`Refiner.load_narrower`), so training continues from what the narrower refinement computed.
+    Otherwise the refinement starts untrained (its last convolution at zero).
+    """
+    old = {key: pre_hparams.get(key, default) for key, default in REFINER_KEYS.items()}
+    new = {key: hparams[key] for key in REFINER_KEYS}
+    if old == new:
+        load_refiner_state(path, refiner)
+    elif (
+        old["refine_depth"] == new["refine_depth"]
+        and old["guided"] == new["guided"]
+        and 0 < int(old["refine_channels"]) < int(new["refine_channels"])
+    ):
+        state = load_checkpoint(path)["state_dict"]
+        refiner.load_narrower({k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")})
+
+
 def corruption_mask(
     shape: tuple[int, ...], widths: tuple[int, int], axes: list[int], region_prob: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -138,9 +158,8 @@ class MAERestoreTask(L.LightningModule):
         mae, pre_hparams = load_pretrained_mae(pretrained, tasks=MAE_TASKS)
         mae.train().norm_pix_loss = False  # restoration regresses normalised intensities directly
         refiner = make_refiner(self.hparams)
-        same_refiner = all(pre_hparams.get(key, default) == self.hparams[key] for key, default in REFINER_KEYS.items())
-        if refiner is not None and pre_hparams.get("task") == TASK_NAME and same_refiner:
-            load_refiner_state(pretrained, refiner)
+        if refiner is not None and pre_hparams.get("task") == TASK_NAME:
+            start_refiner(pretrained, pre_hparams, self.hparams, refiner)
         self.model = mae
         self.refiner = refiner
         net = RestorationNet(mae, refiner, guided, smooth_sigma)

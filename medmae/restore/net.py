@@ -64,14 +64,13 @@ class Refiner(nn.Module):
             ValueError: ``state`` is not a refinement with the same inputs and depth and at most as many channels.
         """
         convs = [layer for layer in self.layers if isinstance(layer, nn.Conv3d)]
-        old = [(state.get(f"layers.{2 * i}.weight"), state.get(f"layers.{2 * i}.bias")) for i in range(len(convs))]
         expected_keys = {f"layers.{2 * i}.{name}" for i in range(len(convs)) for name in ("weight", "bias")}
-        first = old[0][0]
-        if set(state) != expected_keys or first is None or first.shape[1] != convs[0].in_channels:
+        if set(state) != expected_keys or state["layers.0.weight"].shape[1] != convs[0].in_channels:
             raise ValueError(
                 f"not a refinement of depth {len(convs)} with {convs[0].in_channels} inputs: {sorted(state)[:4]}"
             )
-        narrow = first.shape[0]
+        old = [(state[f"layers.{2 * i}.weight"], state[f"layers.{2 * i}.bias"]) for i in range(len(convs))]
+        narrow = old[0][0].shape[0]
         if narrow > convs[0].out_channels:
             raise ValueError(f"cannot narrow a refinement from {narrow} to {convs[0].out_channels} channels")
         for index, (conv, (weight, bias)) in enumerate(zip(convs, old)):

@@ -36,12 +36,16 @@ def make_refiner(hparams: dict) -> Refiner | None:
     return Refiner(int(settings["refine_channels"]), 4 if settings["guided"] else 3, int(settings["refine_depth"]))
 
 
+def refiner_state(path: str) -> dict[str, torch.Tensor]:
+    """The ``refiner.*`` weights of the checkpoint ``path``, without their prefix."""
+    state = load_checkpoint(path)["state_dict"]
+    return {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
+
+
 def load_refiner_state(path: str, refiner: Refiner) -> None:
     """Load the ``refiner.*`` weights of the checkpoint ``path`` into ``refiner`` (CheckpointError if they differ)."""
-    state = load_checkpoint(path)["state_dict"]
-    own = {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
     try:
-        refiner.load_state_dict(own, strict=True)
+        refiner.load_state_dict(refiner_state(path), strict=True)
     except RuntimeError as error:
         raise CheckpointError(
             f"{path}: refinement weights do not match its settings ({str(error).splitlines()[0]})"
@@ -64,8 +68,7 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: Refiner)
         and old["guided"] == new["guided"]
         and 0 < int(old["refine_channels"]) < int(new["refine_channels"])
     ):
-        state = load_checkpoint(path)["state_dict"]
-        refiner.load_narrower({k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")})
+        refiner.load_narrower(refiner_state(path))
 
 
 def corruption_mask(

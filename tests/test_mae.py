@@ -43,6 +43,26 @@ def test_loss_ignores_visible_patches() -> None:
     torch.testing.assert_close(out.loss, reference)
 
 
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_training_loss_equals_the_full_forward_loss_with_the_same_gradients(norm_pix: bool) -> None:
+    """``loss()`` predicts and scores only the masked patches; value and every gradient must match
+    ``forward().loss``, which predicts all patches and masks the MSE."""
+    volume = torch.randn(2, 1, 32, 32, 24) * 3 + 1
+    models = [build_mae(mae_config("tiny", patch_size=8), norm_pix_loss=norm_pix) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    full = models[0](volume, generator=torch.Generator().manual_seed(3)).loss
+    fast = models[1].loss(volume, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fast, full)
+    full.backward()
+    fast.backward()
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    nothing_hidden = torch.zeros(2, 48, dtype=torch.bool)
+    with pytest.raises(ValueError, match="hides no patch"):
+        models[1].loss(volume, nothing_hidden)
+
+
 def test_norm_pix_targets_are_normalised_per_patch() -> None:
     model = build_mae(mae_config("tiny", patch_size=8), norm_pix_loss=True)
     volume = torch.randn(1, 1, 16, 16, 16) * 7 + 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmae.models.patching import grid_shape, patch_mask_to_voxels, patchify, unpatchify
+from medmae.models.patching import gather_patches, grid_shape, patch_mask_to_voxels, patchify, unpatchify
 
 
 def patchify_loop(volume: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -30,6 +30,16 @@ def test_patchify_matches_loop_and_round_trips(patch: tuple[int, int, int]) -> N
     assert torch.equal(patches, patchify_loop(volume, patch))
     grid = grid_shape(volume.shape[2:], patch)
     assert torch.equal(unpatchify(patches, grid, patch, 3), volume)
+
+
+@pytest.mark.parametrize("patch", [(4, 4, 4), (4, 2, 8), (2, 4, 1)])
+def test_gather_patches_picks_the_rows_of_the_loop(patch: tuple[int, int, int]) -> None:
+    volume = torch.randn(2, 3, 8, 8, 8)
+    reference = patchify_loop(volume, patch)
+    n = reference.shape[1]
+    indices = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[: n // 3] for s in (0, 1)])
+    picked = gather_patches(volume, patch, indices)
+    assert torch.equal(picked, torch.stack([reference[b, indices[b]] for b in range(2)]))
 
 
 def test_patch_mask_to_voxels_matches_patchified_mask() -> None:

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 
 from medmae.models.masking import MaskingConfig, split_indices
-from medmae.models.patching import patchify, unpatchify
+from medmae.models.patching import gather_patches, patchify, unpatchify
 from medmae.models.pos_embed import sincos_3d
 from medmae.models.vit import ViT3DEncoder, freeze_unused_cross_attention_norms
 
@@ -73,14 +74,22 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch_dim)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
-    def forward(self, latent: torch.Tensor, visible: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        latent: torch.Tensor,
+        visible: torch.Tensor,
+        grid: tuple[int, int, int],
+        predict: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Args:
             latent: ``(B, K, encoder_dim)`` encoded visible tokens.
             visible: ``(B, K)`` their grid indices.
             grid: patch grid ``(gd, gh, gw)``, ``N = gd*gh*gw``.
+            predict: ``(B, M)`` grid indices of the patches to predict; None predicts all ``N``. Every
+                patch token still passes through all blocks; only the final norm and head are restricted.
 
         Returns:
-            ``(B, N, patch_dim)`` predictions for every patch.
+            ``(B, N, patch_dim)`` predictions for every patch, or ``(B, M, patch_dim)`` for ``predict``.
         """
         batch = latent.shape[0]
         num_patches = grid[0] * grid[1] * grid[2]
@@ -91,6 +100,8 @@ class MAEDecoder(nn.Module):
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_3d(grid, self.dim).to(tokens.device)
         full = self.blocks(full + self._pos_cache[key].to(tokens.dtype))
+        if predict is not None:
+            full = torch.gather(full, 1, predict[..., None].expand(-1, -1, self.dim))
         return self.pred(self.norm(full))
 
 
@@ -148,13 +159,15 @@ class MaskedAutoencoder3D(nn.Module):
         Returns:
             latent ``(B, K, D)`` and the visible patches' grid indices ``(B, K)``.
         """
-        grid = self.encoder.check_input(volume)
         visible, _ = split_indices(mask, masked_count)
-        patches = patchify(volume, self.encoder.patch_size)
-        patches = torch.gather(patches, 1, visible[..., None].expand(-1, -1, patches.shape[-1]))
-        tokens = self.encoder.embed_patches(patches, visible, grid)
-        latent, _ = self.encoder.run_blocks(tokens)
-        return latent, visible
+        return self.encode_visible(volume, visible), visible
+
+    def encode_visible(self, volume: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Encoder latents ``(B, K, D)`` of the patches at grid indices ``visible`` ``(B, K)`` of ``volume``."""
+        grid = self.encoder.check_input(volume)
+        patches = gather_patches(volume, self.encoder.patch_size, visible)
+        latent, _ = self.encoder.run_blocks(self.encoder.embed_patches(patches, visible, grid))
+        return latent
 
     def forward_decoder(self, latent: torch.Tensor, visible: torch.Tensor, volume_shape: torch.Size) -> torch.Tensor:
         """Predict every patch ``(B, N, P)`` from the visible latents; ``volume_shape`` is the input's shape."""
@@ -189,6 +202,27 @@ class MaskedAutoencoder3D(nn.Module):
         latent, visible = self.forward_encoder(volume, mask, masked_count)
         pred = self.forward_decoder(latent, visible, volume.shape)
         return MAEOutput(self.forward_loss(volume, pred, mask), pred, mask)
+
+    def loss(
+        self, volume: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The training loss, equal to ``forward(volume, mask, generator).loss`` but computing only what it
+        needs: the decoder's norm and head run on the masked tokens alone, only the masked patches are cut
+        out as targets, and the MSE is one fused op. Used by the training and validation steps.
+        """
+        grid = self.encoder.check_input(volume)
+        masked_count = None
+        if mask is None:
+            mask = self.sample_mask(volume, generator)
+            masked_count = self.masking.masked_count(grid)
+        visible, masked = split_indices(mask, masked_count)
+        if masked.shape[1] == 0:
+            raise ValueError("the mask hides no patch, so there is nothing to reconstruct; use a ratio above 0")
+        pred = self.decoder(self.encode_visible(volume, visible), visible, grid, predict=masked)
+        target = gather_patches(volume, self.encoder.patch_size, masked)
+        if self.norm_pix_loss:
+            target = normalise_patches(target)[0]
+        return F.mse_loss(pred.float(), target.float())
 
     def reconstruct(self, volume: torch.Tensor, output: MAEOutput) -> torch.Tensor:
         """Voxel-space reconstruction ``(B, C, D, H, W)`` with the visible patches pasted back.

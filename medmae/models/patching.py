@@ -49,6 +49,27 @@ def patchify(volume: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     return x.reshape(b, gd * gh * gw, c * pd * ph * pw)
 
 
+def gather_patches(volume: torch.Tensor, patch: Sequence[int], indices: torch.Tensor) -> torch.Tensor:
+    """The patch vectors of selected patches only: ``patchify(volume, patch)`` gathered at ``indices``,
+    copying just the selected voxels (no full patchified copy of the volume).
+
+    Args:
+        volume: ``(B, C, D, H, W)``.
+        patch: ``(pd, ph, pw)``; ``D, H, W`` must be multiples.
+        indices: ``(B, K)`` long, grid indices in the C-order numbering of :func:`patchify`.
+
+    Returns:
+        ``(B, K, C*pd*ph*pw)``.
+    """
+    b, c = volume.shape[:2]
+    gd, gh, gw = grid_shape(volume.shape[2:], patch)
+    pd, ph, pw = as_size3(patch)
+    blocks = volume.reshape(b, c, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # a view
+    rows = torch.arange(b, device=volume.device)[:, None]
+    picked = blocks[rows, indices // (gh * gw), (indices // gw) % gh, indices % gw]  # (B, K, C, pd, ph, pw)
+    return picked.reshape(b, indices.shape[1], c * pd * ph * pw)
+
+
 def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch: Sequence[int], channels: int) -> torch.Tensor:
     """Inverse of :func:`patchify`.
 

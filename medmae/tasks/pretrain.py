@@ -117,17 +117,17 @@ class MAEPretrainTask(L.LightningModule):
         return self.model(volume, mask, self.mask_generator())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        output = self(batch["image"])
-        self.log("train/loss", output.loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return output.loss
+        loss = self.model.loss(batch["image"], None, self.mask_generator())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         volume = batch["image"]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(10_000 + batch_idx)  # the same masks every validation: comparable losses
-        output = self.model(volume, None, generator)
-        self.log("val/loss", output.loss, prog_bar=True, sync_dist=True, batch_size=volume.shape[0])
-        return output.loss
+        loss = self.model.loss(volume, None, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=volume.shape[0])
+        return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

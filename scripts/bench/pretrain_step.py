@@ -1,9 +1,12 @@
 """Pretraining step time: medmae's MAE against MONAI's MaskedAutoEncoderViT, same sizes, same run.
 
 For each preset (small, base): batch 2 of 1x96^3, 16^3 patches, 75 % masked, fp32, the same masked-patch
-MSE and the same AdamW step for both models. Each (model, preset) runs in its own subprocess so its peak
-resident memory is its own. Also measured in the same run: the FLOPs of one step (PyTorch's FlopCounterMode)
-and the machine's fp32 matmul peak, giving the fraction of peak each step reaches.
+MSE and the same AdamW step for both models (medmae computes it as its training step does, with
+``MaskedAutoencoder3D.loss``: head and targets of the masked patches only; the value is the same). Each
+(model, preset) runs in its own subprocess so its peak resident memory is its own, ``--rounds`` times,
+interleaved with the other model's runs so that drifting machine load hits both alike. Also measured in
+the same run: the FLOPs of one step (PyTorch's FlopCounterMode) and the machine's fp32 matmul peak,
+giving the fraction of peak each step reaches.
 
     python scripts/bench/pretrain_step.py                      # small and base, table + JSON
     python scripts/bench/pretrain_step.py --presets small --steps 12 --json /tmp/bench.json
@@ -54,8 +57,8 @@ def build(kind: str, preset: str, size: int):
         generator = torch.Generator().manual_seed(0)
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def forward() -> torch.Tensor:
-            return model(volume, generator=generator).loss
+        def forward() -> torch.Tensor:  # what medmae's training step calls
+            return model.loss(volume, generator=generator)
 
     else:
         from monai.networks.nets import MaskedAutoEncoderViT
@@ -159,12 +162,32 @@ def in_subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved_rounds(preset: str, size: int, rounds: int, options: list[str]) -> dict[str, dict]:
+    """Each model ``rounds`` times, alternating which goes first, so drifting machine load hits both alike.
+    A row's ``median_s`` is the median over rounds of each round's median step; peak RSS is the largest."""
+    runs: dict[str, list[dict]] = {"monai": [], "medmae": []}
+    for index in range(rounds):
+        order = ("monai", "medmae") if index % 2 == 0 else ("medmae", "monai")
+        for kind in order:
+            runs[kind].append(in_subprocess(["--one", kind, preset, str(size), *options]))
+    pair = {}
+    for kind, results in runs.items():
+        row = dict(results[0])
+        row["round_medians_s"] = [r["median_s"] for r in results]
+        row["median_s"] = statistics.median(row["round_medians_s"])
+        row["min_s"] = min(r["min_s"] for r in results)
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+        pair[kind] = row
+    return pair
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "base"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[96], help="cube input sizes")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each model (median reported)")
     parser.add_argument("--json", type=Path, default=Path("docs/bench_pretrain_step.json"))
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "PRESET", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
@@ -179,17 +202,18 @@ def main() -> None:
     peak = matmul_peak_gflops()
     base_rss = in_subprocess(["--baseline"])["rss_mb"]
     rows = []
+    options = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     for preset in args.presets:
         for size in args.sizes:
-            for kind in ("monai", "medmae"):
-                options = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-                row = in_subprocess(["--one", kind, preset, str(size), *options])
+            pair = interleaved_rounds(preset, size, args.rounds, options)
+            for row in pair.values():
                 row["gflops_per_s"] = row["flops_per_step"] / row["median_s"] / 1e9
                 row["fraction_of_peak"] = row["gflops_per_s"] / peak
                 row["model_rss_mb"] = row["peak_rss_mb"] - base_rss
-                rows.append(row)
-            pair = {r["model"]: r for r in rows if r["preset"] == preset and r["size"] == size}
+            ratios = [m / o for m, o in zip(pair["monai"]["round_medians_s"], pair["medmae"]["round_medians_s"])]
             pair["medmae"]["speedup_vs_monai"] = pair["monai"]["median_s"] / pair["medmae"]["median_s"]
+            pair["medmae"]["speedup_per_round"] = ratios
+            rows += [pair["monai"], pair["medmae"]]
 
     header = (
         f"{'preset':<7}{'input':>6} {'model':<8}{'step s':>8}{'GFLOP/step':>12}{'GFLOP/s':>9}"
@@ -206,6 +230,8 @@ def main() -> None:
             f"{r['preset']:<7}{r['size']:>5}³ {r['model']:<8}{r['median_s']:>8.3f}{r['flops_per_step'] / 1e9:>12.1f}"
             f"{r['gflops_per_s']:>9.1f}{100 * r['fraction_of_peak']:>7.0f}%{r['model_rss_mb']:>9.0f}{speedup:>9}"
         )
+        if "speedup_per_round" in r:
+            print(f"{'':<14}speed-up per round: {', '.join(f'{x:.2f}x' for x in r['speedup_per_round'])}")
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -215,7 +241,16 @@ def main() -> None:
         "torch": torch.__version__,
         "matmul_peak_gflops": peak,
         "import_baseline_rss_mb": base_rss,
-        "config": {"batch": BATCH, "sizes": args.sizes, "patch": PATCH, "mask_ratio": RATIO, "dtype": "float32"},
+        "config": {
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "batch": BATCH,
+            "sizes": args.sizes,
+            "patch": PATCH,
+            "mask_ratio": RATIO,
+            "dtype": "float32",
+        },
         "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

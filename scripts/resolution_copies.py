@@ -50,10 +50,13 @@ def write_copies(manifest: Path, spacings: Sequence[float], out_dir: Path) -> Pa
         if not line.strip():
             continue
         record = json.loads(line)
-        source = Path(record["image"])
-        source = source if source.is_absolute() else (manifest.parent / source)
-        if not isinstance(record["image"], str) or not source.is_file():
-            raise ValueError(f"{manifest}: record {record.get('id')!r} needs one image file; got {record['image']!r}")
+        image = record.get("image")
+        source = manifest.parent / image if isinstance(image, str) else None  # absolute paths stay absolute
+        if source is None or not source.is_file():
+            raise ValueError(
+                f"{manifest}: record {record.get('id')!r} needs one existing image file (multi-channel records "
+                f"and DICOM folders are not supported here); got {image!r}"
+            )
         rows.append({**record, "image": str(source.resolve())})
         image = sitk.ReadImage(str(source))
         for spacing in spacings:

@@ -44,3 +44,6 @@ def test_copies_have_the_coarser_grid_same_dtype_and_mean_and_are_listed(tmp_pat
     assert np.abs(np.diff(out, axis=2)).mean() > np.abs(np.diff(src, axis=2)).mean()  # 5x coarser steps
     with pytest.raises(ValueError, match="finer than"):
         script.coarser_copy(source, 0.1)
+    manifest.write_text(json.dumps({"id": "two", "image": [str(LUNG), str(LUNG)], "modality": "MR"}) + "\n")
+    with pytest.raises(ValueError, match="'two' needs one existing image file"):
+        script.write_copies(manifest, [3.0], tmp_path / "out2")

@@ -13,12 +13,14 @@ scan's third index axis) keeps its spacing. Integer scans stay in their dtype (r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import SimpleITK as sitk
+
+from medmae.data.manifest import read_manifest, write_manifest
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -45,29 +47,23 @@ def coarser_copy(image: sitk.Image, in_plane_mm: float) -> sitk.Image:
 def write_copies(manifest: Path, spacings: Sequence[float], out_dir: Path) -> Path:
     """Copies of every single-file record of ``manifest`` at ``spacings``; returns the new manifest's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for line in manifest.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        image = record.get("image")
-        source = manifest.parent / image if isinstance(image, str) else None  # absolute paths stay absolute
-        if source is None or not source.is_file():
+    records = []
+    for record in read_manifest(manifest):
+        if len(record.image) != 1 or not Path(record.image[0]).is_file():
             raise ValueError(
-                f"{manifest}: record {record.get('id')!r} needs one existing image file (multi-channel records "
-                f"and DICOM folders are not supported here); got {image!r}"
+                f"{manifest}: record {record.id!r} needs one existing image file (multi-channel records "
+                f"and DICOM folders are not supported here); got {record.image}"
             )
-        rows.append({**record, "image": str(source.resolve())})
-        image = sitk.ReadImage(str(source))
+        records.append(record)
+        image = sitk.ReadImage(record.image[0])
         for spacing in spacings:
-            name = f"{record['id']}_{spacing:g}mm.nii.gz"
-            sitk.WriteImage(coarser_copy(image, spacing), str(out_dir / name))
-            rows.append({**record, "id": f"{record['id']}_{spacing:g}mm", "image": name})
-            print(f"wrote {out_dir / name}")
-    target = out_dir / "manifest.jsonl"
-    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {target} ({len(rows)} records)")
-    return target
+            target = out_dir / f"{record.id}_{spacing:g}mm.nii.gz"
+            sitk.WriteImage(coarser_copy(image, spacing), str(target))
+            records.append(replace(record, id=target.name.removesuffix(".nii.gz"), image=[str(target.resolve())]))
+            print(f"wrote {target}")
+    written = write_manifest(records, out_dir / "manifest.jsonl")
+    print(f"wrote {written} ({len(records)} records)")
+    return written
 
 
 def main() -> None:

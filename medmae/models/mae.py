@@ -188,6 +188,14 @@ class MaskedAutoencoder3D(nn.Module):
         grid = self.encoder.check_input(volume)
         return self.masking.sample(volume.shape[0], grid, generator, volume.device)
 
+    def given_or_sampled_mask(
+        self, volume: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, int | None]:
+        """``mask`` with an unknown count (None), or a drawn one with its known count (no check needed)."""
+        if mask is not None:
+            return mask, None
+        return self.sample_mask(volume, generator), self.masking.masked_count(self.encoder.check_input(volume))
+
     def forward(
         self, volume: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> MAEOutput:
@@ -195,10 +203,7 @@ class MaskedAutoencoder3D(nn.Module):
         volume: ``(B, C, D, H, W)``.
         mask: ``(B, N)`` bool (True = masked); drawn with ``generator`` when None.
         """
-        masked_count = None
-        if mask is None:
-            mask = self.sample_mask(volume, generator)
-            masked_count = self.masking.masked_count(self.encoder.check_input(volume))
+        mask, masked_count = self.given_or_sampled_mask(volume, mask, generator)
         latent, visible = self.forward_encoder(volume, mask, masked_count)
         pred = self.forward_decoder(latent, visible, volume.shape)
         return MAEOutput(self.forward_loss(volume, pred, mask), pred, mask)
@@ -211,11 +216,7 @@ class MaskedAutoencoder3D(nn.Module):
         out as targets, and the MSE is one fused op. Used by the training and validation steps.
         """
         grid = self.encoder.check_input(volume)
-        masked_count = None
-        if mask is None:
-            mask = self.sample_mask(volume, generator)
-            masked_count = self.masking.masked_count(grid)
-        visible, masked = split_indices(mask, masked_count)
+        visible, masked = split_indices(*self.given_or_sampled_mask(volume, mask, generator))
         if masked.shape[1] == 0:
             raise ValueError("the mask hides no patch, so there is nothing to reconstruct; use a ratio above 0")
         pred = self.decoder(self.encode_visible(volume, visible), visible, grid, predict=masked)

@@ -92,7 +92,7 @@ def test_data_path_row_compares_the_loader_with_synthetic_input(report):
     assert set(data["synthetic"]) == {"median_s", "mean_s", "loader_wait_fraction"}
     (row,) = data["rows"]
     assert row["workers"] == 1 and row["pinned"] is False
-    assert 0 < row["busy_fraction"] <= 1.5
+    assert row["busy_fraction"] > 0  # a ratio of two timings: its size depends on the load, not the code
     assert 0 <= row["loader_wait_fraction"] < 1
     assert math.isclose(row["busy_fraction"], data["synthetic"]["mean_s"] / row["mean_s"])
     assert math.isclose(row["samples_per_s"], 2 / row["mean_s"])

@@ -17,12 +17,20 @@ from medmae.cli import main
 from medmae.data.datamodule import PretrainDataModule
 from medmae.evaluation.restore_baselines import interpolate_slices
 from medmae.evaluation.restore_metrics import psnr_in_mask
-from medmae.inference.repair import RepairSettings, inpaint_volume, roi_of, run_windows
+from medmae.inference.repair import (
+    RepairSettings,
+    denoise_volume,
+    inpaint_volume,
+    intensity_map,
+    roi_of,
+    run_windows,
+)
 from medmae.io import read_volume, write_volume
 from medmae.io.writers import cast_to_dtype
 from medmae.restore.corrupt import corrupt_slices
 from medmae.restore.demo import run_repair_demo
 from medmae.restore.net import gaussian_smooth
+from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
 from medmae.restore.slices import slice_mask
 from medmae.tasks.pretrain import MAEPretrainTask
 from medmae.tasks.restore import MAERestoreTask, load_restoration_net
@@ -199,6 +207,13 @@ def test_restoration_fit_improves_gap_psnr(pretrain_ckpt: Path, hippo_manifest: 
     assert wider.refiner(*inputs).abs().max() > 0
     deeper = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=8, refine_depth=4)
     assert not deeper.refiner.layers[-1].weight.any()
+    # non-local-means inputs added: the same function until they are trained; over a new base: zero residual
+    nlm = MAERestoreTask(str(restore_ckpt), mode="denoise", refine_channels=8, nlm_input=True)
+    extra = [torch.randn(1, 1, 8, 8, 8) for _ in range(2)]
+    torch.testing.assert_close(nlm.refiner(*inputs, *extra), again.refiner(*inputs))
+    nlm_based = MAERestoreTask(str(restore_ckpt), mode="denoise", refine_channels=8, nlm_input=True, nlm_guide=True)
+    torch.testing.assert_close(nlm_based.refiner.layers[0].weight, nlm.refiner.layers[0].weight)
+    assert not nlm_based.refiner.layers[-1].weight.any()
 
 
 def test_untrained_guided_network_is_the_classical_estimate(pretrain_ckpt: Path) -> None:
@@ -225,9 +240,10 @@ def test_evaluate_restore_scores_every_method(pretrain_ckpt: Path, tmp_path: Pat
     rows = json.loads((tmp_path / "restore_eval.json").read_text())
     methods = {(r["task"], r["method"]): r["psnr"] for r in rows}
     assert set(methods) == {("inpaint", m) for m in ("model", "linear", "cubic")} | {
-        ("denoise", m) for m in ("noisy input", "model", "gaussian", "nl-means")
+        ("denoise", m) for m in ("noisy input", "model", "gaussian", "nl-means", "nl-means (medmae)")
     }
     assert methods[("denoise", "nl-means")] > methods[("denoise", "noisy input")]
+    assert methods[("denoise", "nl-means (medmae)")] > methods[("denoise", "noisy input")]
     assert methods[("denoise", "gaussian")] > methods[("denoise", "noisy input")]
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
     assert figures == {"inpaint_hippocampus_394.png", "denoise_hippocampus_394.png"}
@@ -268,3 +284,76 @@ def test_untrained_residual_denoiser_returns_its_input(pretrain_ckpt: Path) -> N
         torch.testing.assert_close(task.net.eval().denoise(noisy), noisy)
     with pytest.raises(ValueError, match="smooth_sigma must be >= 0"):
         MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, smooth_sigma=-1.0)
+
+
+def test_untrained_nlm_based_denoiser_is_nonlocal_means_of_the_whole_scan(pretrain_ckpt: Path) -> None:
+    """``nlm_guide``: an untrained network returns non-local means with the noise level of the whole scan."""
+    task = MAERestoreTask(
+        str(pretrain_ckpt), mode="denoise", modality="CT", refine_channels=4, nlm_input=True, nlm_guide=True
+    )
+    net, hparams = task.net.eval(), dict(task.hparams)
+    noisy = torch.randn(2, 1, 16, 16, 16) * torch.tensor([0.1, 0.3]).reshape(2, 1, 1, 1, 1)
+    with torch.no_grad():
+        expected = nonlocal_means(noisy, estimate_noise_sigma(noisy), 0.6)
+        torch.testing.assert_close(net.denoise(noisy), expected)
+    volume = read_volume(CT)  # int16 HU, 30 slices: mirrored up to the 32-voxel window
+    settings = RepairSettings(device="cpu", overlap=0.25)
+    denoised = denoise_volume(net, hparams, volume, "CT", settings).array[0].astype(np.int32)
+    imap = intensity_map(volume.array[0], "CT", hparams)
+    image = imap.forward(volume.array[0])
+    padded = torch.from_numpy(np.pad(image, [(0, 0), (0, 0), (1, 1)], mode="symmetric"))[None, None]
+    whole = nonlocal_means(padded, estimate_noise_sigma(padded), 0.6)[0, 0, :, :, 1:-1].numpy()
+    reference = cast_to_dtype(imap.inverse(whole) + imap.excess(volume.array[0]), np.int16)
+    assert np.abs(denoised - reference).max() <= 1  # windows blend identical values: rounding only
+    told = denoise_volume(net, hparams, volume, "CT", replace(settings, noise_sigma=30.0)).array[0].astype(np.int32)
+    whole = nonlocal_means(padded, torch.tensor([30.0 / 2000.0]), 0.6)[0, 0, :, :, 1:-1].numpy()  # HU window 2000
+    reference = cast_to_dtype(imap.inverse(whole) + imap.excess(volume.array[0]), np.int16)
+    assert np.abs(told - reference).max() <= 1
+    with pytest.raises(ValueError, match="noise sigma must be > 0"):
+        denoise_volume(net, hparams, volume, "CT", replace(settings, noise_sigma=0.0))
+    with pytest.raises(ValueError, match="known_noise is the noise-level input of nlm_input"):
+        MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, known_noise=True)
+    with pytest.raises(ValueError, match="nlm_input needs a guided refinement"):
+        MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, guided=False, nlm_input=True)
+
+
+def test_noise_level_known_in_training_is_the_level_added(pretrain_ckpt: Path) -> None:
+    task = MAERestoreTask(
+        str(pretrain_ckpt), mode="denoise", modality="CT", refine_channels=4, nlm_input=True, known_noise=True
+    )
+    clean = torch.full((3, 1, 16, 16, 16), 0.5)
+    noisy, sigma = task.add_noise(clean, torch.Generator().manual_seed(0))
+    assert sigma.shape == (3,) and bool(((sigma >= 10 / 2000) & (sigma <= 60 / 2000)).all())  # 10-60 HU
+    torch.testing.assert_close((noisy - clean).flatten(1).std(1), sigma, rtol=0.05, atol=0.0)
+
+
+def test_nlm_denoiser_checkpoint_through_the_commands(
+    pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path
+) -> None:
+    """A short fit of a non-local-means denoiser, then ``denoise --noise-sigma`` and ``evaluate-restore``."""
+    L.seed_everything(0, verbose=False)
+    task = MAERestoreTask(
+        str(pretrain_ckpt),
+        mode="denoise",
+        refine_channels=4,
+        smooth_sigma=0.0,
+        nlm_input=True,
+        nlm_guide=True,
+        known_noise=True,
+        warmup_steps=1,
+    )
+    ckpt = fit(task, hippo_manifest, tmp_path, 2)
+    net = load_restoration_net(ckpt)[0]
+    assert net.nlm_input and net.nlm_guide and net.refiner.layers[0].in_channels == 6
+    scan = HIPPO / "hippocampus_394.nii.gz"
+    out = tmp_path / "denoised.nii.gz"
+    assert (
+        main(["denoise", str(scan), "-o", str(out), "--ckpt", str(ckpt), "--noise-sigma", "20", "--device", "cpu"]) == 0
+    )
+    assert read_volume(out).same_grid(read_volume(scan), atol=1e-4)
+    argv = ["evaluate-restore", "--ckpt", str(ckpt), "--scan", str(scan), "--tasks", "denoise", "--mr-noise", "0.05"]
+    assert main([*argv, "--threads", "1", "-o", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "restore_eval.json").read_text())
+    methods = {r["method"]: r["psnr"] for r in rows}
+    assert {"model", "model (sigma estimated)", "nl-means (medmae)"} <= set(methods)
+    assert methods["model"] > methods["noisy input"]

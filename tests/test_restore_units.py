@@ -144,9 +144,17 @@ def test_widened_refiner_computes_what_the_narrow_one_did_and_grows_new_channels
     torch.testing.assert_close(wide(*inputs), narrow(*inputs))
     (wide(*inputs) - 1).square().mean().backward()
     assert wide.layers[-1].weight.grad[:, 4:].abs().sum() > 0  # the new channels feed the output from step 1
+    more_inputs = Refiner(7, inputs=6, depth=4)  # e.g. a non-local-means estimate and a noise map added
+    more_inputs.load_narrower(narrow.state_dict())
+    extra = [torch.randn(2, 1, 6, 6, 6) for _ in range(2)]
+    torch.testing.assert_close(more_inputs(*inputs, *extra), narrow(*inputs))
+    (more_inputs(*inputs, *extra) - 1).square().mean().backward()
+    assert more_inputs.layers[0].weight.grad[:, 4:].abs().sum() > 0  # the new inputs learn from step 1
     with pytest.raises(ValueError, match="cannot narrow"):
         Refiner(3, inputs=4, depth=4).load_narrower(narrow.state_dict())
-    with pytest.raises(ValueError, match="not a refinement of depth 3"):
+    with pytest.raises(ValueError, match="at most 3 inputs"):
+        Refiner(7, inputs=3, depth=4).load_narrower(narrow.state_dict())
+    with pytest.raises(ValueError, match="not a refinement of depth 3 with at most 4 inputs"):
         Refiner(7, inputs=4, depth=3).load_narrower(narrow.state_dict())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 FINETUNE_EXAMPLES = """examples:
@@ -22,7 +23,8 @@ is the thickest axis (z when isotropic). Axes are the file's voxel index axes (i
 
 DENOISE_EXAMPLES = """examples:
   medmae denoise lowdose.nii.gz -o denoised.nii.gz --ckpt restore-denoise.ckpt
-  medmae denoise t1.nii.gz -o t1_denoised.nii.gz --ckpt restore.ckpt --modality MR --device cuda"""
+  medmae denoise t1.nii.gz -o t1_denoised.nii.gz --ckpt restore.ckpt --modality MR --device cuda
+  medmae denoise lowdose_ct.nrrd -o denoised.nrrd --ckpt ct_denoise.ckpt --noise-sigma 30   # remove 30 HU"""
 
 EVALUATE_EXAMPLES = """examples:
   medmae evaluate-restore --ckpt restore.ckpt --manifest data_manifests/hippocampus.jsonl --held-out \\
@@ -116,6 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_input_output(denoise)
     _add_model_options(denoise)
+    denoise.add_argument(
+        "--noise-sigma",
+        type=float,
+        default=None,
+        help="std of the noise to remove, in the scan's units (HU for CT), for checkpoints trained with nlm_input; "
+        "default: estimated from the scan",
+    )
     denoise.set_defaults(func=run_denoise)
 
     evaluate = subparsers.add_parser(
@@ -228,7 +237,8 @@ def run_denoise(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     require_signal(volume)
     net, hparams = load_restoration_net(args.ckpt)
-    path = write_volume(denoise_volume(net, hparams, volume, args.modality, _settings(args)), args.output)
+    settings = replace(_settings(args), noise_sigma=args.noise_sigma)
+    path = write_volume(denoise_volume(net, hparams, volume, args.modality, settings), args.output)
     print(f"wrote {path}")
     return 0
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy.interpolate import interp1d, make_interp_spline
 from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_nl_means
+
+from medmae.restore.nonlocal_means import nonlocal_means
 
 
 def interpolate_slices(array: np.ndarray, axis: int, missing: Sequence[int], kind: str = "linear") -> np.ndarray:
@@ -55,16 +58,25 @@ def nlm_denoise(
     score: Callable[[np.ndarray], float],
     sigma: float,
     factors: Sequence[float] = (0.4, 0.6, 0.8, 1.0, 1.2),
+    backend: str = "scikit-image",
 ) -> tuple[str, np.ndarray]:
-    """3D non-local means (scikit-image, fast mode) with ``h = factor * sigma``, the best factor.
+    """3D non-local means with ``h = factor * sigma``, the best factor.
 
-    ``sigma`` is the true noise level (the evaluation adds the noise itself), so the baseline is an oracle.
+    ``backend``: ``"scikit-image"`` (fast mode, patch 3, search distance 4) or ``"medmae"``
+    (:func:`~medmae.restore.nonlocal_means.nonlocal_means`, the filter an ``nlm_input`` denoiser sees, so such a
+    model is compared with the best that it gives). ``sigma`` is the true noise level (the evaluation adds the
+    noise itself), so the baseline is an oracle.
     """
     if sigma <= 0:
         raise ValueError(f"non-local means needs the noise sigma > 0, got {sigma}")
+    if backend not in ("scikit-image", "medmae"):
+        raise ValueError(f"non-local means backend must be scikit-image or medmae, got {backend!r}")
     noisy = noisy.astype(np.float64)
+    volume = torch.from_numpy(noisy.astype(np.float32))[None, None]
 
     def run(factor: float) -> np.ndarray:
+        if backend == "medmae":
+            return nonlocal_means(volume, torch.tensor([float(sigma)]), factor)[0, 0].double().numpy()
         return denoise_nl_means(noisy, patch_size=3, patch_distance=4, h=factor * sigma, sigma=sigma, fast_mode=True)
 
     return best_of({f"h={f}sigma": (lambda f=f: run(f)) for f in factors}, score)

@@ -98,6 +98,8 @@ class RepairSettings:
         rounds: blind-spot rounds of plain-checkpoint denoising.
         mirror: test-time augmentation as in nnU-Net: average the predictions over all 8 combinations of
             flipping the three axes (8x the compute).
+        noise_sigma: denoising with an ``nlm_input`` checkpoint: the std of the noise to remove, in the scan's
+            intensity units (HU for CT); None estimates it from the scan.
     """
 
     overlap: float = 0.5
@@ -106,6 +108,7 @@ class RepairSettings:
     progress: bool = False
     rounds: int = 4
     mirror: bool = False
+    noise_sigma: float | None = None
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -122,12 +125,20 @@ def roi_of(net: RestorationNet, hparams: dict) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def run_windows(
-    net: RestorationNet, image: np.ndarray, mask: np.ndarray | None, roi: Sequence[int], settings: RepairSettings
+    net: RestorationNet,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    roi: Sequence[int],
+    settings: RepairSettings,
+    noise_sigma: float | None = None,
 ) -> np.ndarray:
     """Inpaint (``mask`` given) or denoise a normalised ``(I, J, K)`` float32 array with blended windows.
 
-    A guided network's classical estimate (interpolation across the mask, or smoothing) is computed once
-    on the whole array, so windows that cut through a gap still interpolate from both of its sides. An
+    ``noise_sigma``: the noise std in normalised units an ``nlm_input`` network is told (None: estimated).
+
+    A guided network's classical estimate (interpolation across the mask, or smoothing) and an ``nlm_input``
+    network's non-local means and noise level are computed once on the whole array, so windows that cut
+    through a gap still interpolate from both of its sides and the noise is estimated from the whole scan. An
     array thinner than ``roi`` along an axis is mirrored up to the window size (and cropped back), so the
     model never sees an artificial zero slab.
     """
@@ -142,14 +153,19 @@ def run_windows(
     volume = torch.from_numpy(image)[None, None]
     voxel_mask = None if mask is None else torch.from_numpy(mask)[None, None]
     guide = net.guide(volume, voxel_mask)
-    channels = [volume] + [c.float() for c in (voxel_mask, guide) if c is not None]
-    inputs = torch.cat(channels, dim=1)  # (1, 1 + mask + guide, I, J, K)
+    sigma = None if noise_sigma is None else torch.tensor([float(noise_sigma)])
+    context = None if mask is not None else net.denoise_context(volume.to(device), sigma)  # (1, 2, I, J, K) or None
+    context = None if context is None else context.cpu()
+    channels = [volume] + [c.float() for c in (voxel_mask, guide, context) if c is not None]
+    inputs = torch.cat(channels, dim=1)  # (1, 1 + mask + guide + context, I, J, K)
+    guide_channel = 1 + (voxel_mask is not None)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         volume = window[:, :1]
-        window_guide = window[:, -1:] if guide is not None else None
+        window_guide = window[:, guide_channel : guide_channel + 1] if guide is not None else None
         if mask is None:
-            return net.denoise(volume, settings.rounds, generator, window_guide)
+            window_context = window[:, guide_channel + 1 :] if context is not None else None
+            return net.denoise(volume, settings.rounds, generator, window_guide, window_context)
         window_mask = window[:, 1:2] > 0.5
         if not bool(window_mask.any()):
             return volume
@@ -214,7 +230,10 @@ def denoise_array(
 ) -> np.ndarray:
     """The denoised ``array`` ``(I, J, K)`` in its own dtype (values beyond the window pass through)."""
     imap = intensity_map(array, modality, hparams)
-    prediction = run_windows(net, imap.forward(array), None, roi_of(net, hparams), settings)
+    if settings.noise_sigma is not None and settings.noise_sigma <= 0:
+        raise ValueError(f"the noise sigma must be > 0 (in the scan's intensity units), got {settings.noise_sigma}")
+    sigma = None if settings.noise_sigma is None else settings.noise_sigma / imap.scale
+    prediction = run_windows(net, imap.forward(array), None, roi_of(net, hparams), settings, sigma)
     return cast_to_dtype(imap.inverse(prediction) + imap.excess(array), array.dtype)
 
 

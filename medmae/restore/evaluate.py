@@ -3,14 +3,15 @@
 Inpainting: gaps of 1, 3 and 5 adjacent slices along the slice axis (the thickest axis; ``z`` when
 isotropic), scored inside the gap against linear and cubic interpolation along that axis. Denoising:
 Rician (MR) or Gaussian HU (CT) noise, scored over the foreground against Gaussian smoothing and
-non-local means with oracle-tuned parameters. See :mod:`medmae.evaluation.restore_metrics`.
+non-local means (scikit-image's, and medmae's own that ``nlm_input`` denoisers use) with oracle-tuned
+parameters. See :mod:`medmae.evaluation.restore_metrics`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -143,7 +144,12 @@ def denoising_rows(
     settings: RepairSettings,
     figure_dir: Path | None = None,
 ) -> list[ScoreRow]:
-    """Score the model, Gaussian smoothing and non-local means on noisy copies of ``scan`` (foreground)."""
+    """Score the model, Gaussian smoothing and both non-local means on noisy copies of ``scan`` (foreground).
+
+    A checkpoint trained with the noise level as an input (``known_noise``) is told the true level, as the
+    baselines are; it is also scored with the level estimated from the noisy scan (``model (sigma estimated)``),
+    as ``medmae denoise`` runs without ``--noise-sigma``.
+    """
     mask = foreground_mask(scan.array)
     rows = []
     for index, level in enumerate(levels):
@@ -152,12 +158,20 @@ def denoising_rows(
         def score(result: np.ndarray) -> float:
             return psnr_in_mask(result, scan.array, mask)
 
+        sigma = noise_sigma(scan.array, scan.modality, level)
+        known = net.nlm_input and bool(hparams.get("known_noise", False))
+        told = replace(settings, noise_sigma=sigma) if known else settings
         results = {
             "noisy input": noisy,
-            "model": denoise_array(net, hparams, noisy.astype(np.float32), scan.modality, settings),
+            "model": denoise_array(net, hparams, noisy.astype(np.float32), scan.modality, told),
             "gaussian": gaussian_denoise(noisy, score)[1],
-            "nl-means": nlm_denoise(noisy, score, noise_sigma(scan.array, scan.modality, level))[1],
+            "nl-means": nlm_denoise(noisy, score, sigma)[1],
+            "nl-means (medmae)": nlm_denoise(noisy, score, sigma, backend="medmae")[1],
         }
+        if known:  # the model above was told the noise level, as the oracle baselines are; here it estimates it
+            results["model (sigma estimated)"] = denoise_array(
+                net, hparams, noisy.astype(np.float32), scan.modality, settings
+            )
         setting = f"sigma {level:g} HU" if scan.modality == "CT" else f"rician {level:g}"
         if figure_dir is not None and index == 0:
             comparison_figure(

@@ -20,6 +20,9 @@ from monai.networks.layers.simplelayers import gaussian_1d, separable_filtering
 
 from medmae.models.mae import MaskedAutoencoder3D
 from medmae.models.patching import patch_mask_to_voxels, patchify, unpatchify
+from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
+
+NOISE_MAP_SCALE = 10.0  # the noise-level input is 10x the estimated std (CT: 0.1 at 20 HU in a 2000 HU window)
 
 
 class Refiner(nn.Module):
@@ -29,7 +32,8 @@ class Refiner(nn.Module):
 
     Args:
         channels: hidden width.
-        inputs: number of input channels (3: prediction, intact voxels, mask; 4: and a classical estimate).
+        inputs: number of input channels (3: prediction, intact voxels, mask; 4: and a classical estimate;
+            6: and a non-local-means estimate and a noise-level map).
         depth: number of convolutions (>= 2).
     """
 
@@ -44,8 +48,7 @@ class Refiner(nn.Module):
             layers += [nn.Conv3d(channels, channels, 3, padding=1), nn.GELU()]
         layers.append(nn.Conv3d(channels, 1, 3, padding=1))
         self.layers = nn.Sequential(*layers)
-        nn.init.zeros_(self.layers[-1].weight)
-        nn.init.zeros_(self.layers[-1].bias)
+        self.reset_output()
 
     def forward(self, *channels: torch.Tensor) -> torch.Tensor:
         """Each input ``(B, 1, D, H, W)`` (bool masks are cast); returns the residual ``(B, 1, D, H, W)``."""
@@ -53,31 +56,37 @@ class Refiner(nn.Module):
         return self.layers(torch.cat([c.to(dtype) for c in channels], dim=1))
 
     @torch.no_grad()
+    def reset_output(self) -> None:
+        """Zero the last convolution: the refinement then adds nothing to its base until trained again."""
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    @torch.no_grad()
     def load_narrower(self, state: dict[str, torch.Tensor]) -> None:
-        """Start from a trained refinement with fewer channels (same inputs and depth), computing the same output.
+        """Start from a trained refinement with fewer channels and/or inputs (same depth), computing the same output.
 
         Net2Net-style widening: the old channels keep their weights, the new ones keep their random
-        incoming weights, and every weight *from* a new channel starts at zero, so the widened refinement
-        returns exactly what the narrow one did and training grows the new channels from there.
+        incoming weights, and every weight *from* a new channel or a new input starts at zero, so the widened
+        refinement returns exactly what the narrow one did and training grows the new channels from there.
 
         Raises:
-            ValueError: ``state`` is not a refinement with the same inputs and depth and at most as many channels.
+            ValueError: ``state`` is not a refinement of the same depth with at most as many channels and inputs.
         """
         convs = [layer for layer in self.layers if isinstance(layer, nn.Conv3d)]
         expected_keys = {f"layers.{2 * i}.{name}" for i in range(len(convs)) for name in ("weight", "bias")}
-        if set(state) != expected_keys or state["layers.0.weight"].shape[1] != convs[0].in_channels:
+        if set(state) != expected_keys or state["layers.0.weight"].shape[1] > convs[0].in_channels:
             raise ValueError(
-                f"not a refinement of depth {len(convs)} with {convs[0].in_channels} inputs: {sorted(state)[:4]}"
+                f"not a refinement of depth {len(convs)} with at most {convs[0].in_channels} inputs: "
+                f"{sorted(state)[:4]}"
             )
         old = [(state[f"layers.{2 * i}.weight"], state[f"layers.{2 * i}.bias"]) for i in range(len(convs))]
         narrow = old[0][0].shape[0]
         if narrow > convs[0].out_channels:
             raise ValueError(f"cannot narrow a refinement from {narrow} to {convs[0].out_channels} channels")
-        for index, (conv, (weight, bias)) in enumerate(zip(convs, old)):
-            out_old = weight.shape[0]
-            if index > 0:  # inputs from new channels start at zero
-                conv.weight[:out_old, narrow:] = 0.0
-            conv.weight[:out_old, : weight.shape[1]] = weight
+        for conv, (weight, bias) in zip(convs, old):
+            out_old, in_old = weight.shape[:2]
+            conv.weight[:out_old, in_old:] = 0.0  # inputs from new channels or new input maps start at zero
+            conv.weight[:out_old, :in_old] = weight
             conv.bias[:out_old] = bias
 
 
@@ -162,6 +171,11 @@ class RestorationNet(nn.Module):
             instead of over the MAE's prediction; needs a refiner with 4 inputs.
         smooth_sigma: Gaussian width (voxels) of the denoising guide; 0 makes the guide the noisy input itself
             (the refiner then learns the noise to remove, as residual denoisers do; best for low noise).
+        nlm_input: for denoising, the refiner also sees non-local means of the noisy input and a map of its
+            estimated noise level (:meth:`denoise_context`); needs a guided refiner with 6 inputs.
+        nlm_h: the non-local-means filter strength ``h`` as a multiple of the estimated noise std.
+        nlm_guide: with ``nlm_input``, the denoising residual is learned over the non-local means instead of
+            the ``smooth_sigma`` guide: an untrained refinement then returns non-local means.
     """
 
     def __init__(
@@ -170,16 +184,28 @@ class RestorationNet(nn.Module):
         refiner: Refiner | None = None,
         guided: bool = False,
         smooth_sigma: float = 1.0,
+        nlm_input: bool = False,
+        nlm_h: float = 0.6,
+        nlm_guide: bool = False,
     ) -> None:
         super().__init__()
         if guided and refiner is None:
             raise ValueError("a guided restoration network needs a refiner (refine_channels > 0)")
+        if nlm_input and not guided:
+            raise ValueError("nlm_input needs a guided refinement (guided: true, refine_channels > 0)")
+        if nlm_guide and not nlm_input:
+            raise ValueError("nlm_guide needs nlm_input: true")
+        if nlm_h <= 0:
+            raise ValueError(f"nlm_h must be > 0 (a multiple of the noise std), got {nlm_h}")
         if smooth_sigma < 0:
             raise ValueError(f"smooth_sigma must be >= 0 voxels (0: the noisy input is the guide), got {smooth_sigma}")
         self.mae = mae
         self.refiner = refiner
         self.guided = guided
         self.smooth_sigma = smooth_sigma
+        self.nlm_input = nlm_input
+        self.nlm_h = nlm_h
+        self.nlm_guide = nlm_guide
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -227,6 +253,21 @@ class RestorationNet(nn.Module):
             return gaussian_smooth(volume, self.smooth_sigma) if self.smooth_sigma > 0 else volume
         return interpolate_masked(volume, mask)
 
+    def denoise_context(self, volume: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The extra denoising inputs of an ``nlm_input`` network, ``(B, 2, D, H, W)``; None otherwise.
+
+        Channel 0: :func:`nonlocal_means` of ``volume`` with ``h = nlm_h`` times the noise std ``sigma``
+        ``(B,)`` (normalised units; when None, what :func:`estimate_noise_sigma` finds in ``volume``); channel 1:
+        that std times ``NOISE_MAP_SCALE``, everywhere. Whole-volume repair computes it once on the whole array
+        (a better noise estimate than a window's).
+        """
+        if not self.nlm_input:
+            return None
+        sigma = estimate_noise_sigma(volume) if sigma is None else sigma.to(volume.device, torch.float32)
+        smoothed = nonlocal_means(volume, sigma, self.nlm_h)
+        level = (sigma * NOISE_MAP_SCALE).to(volume.dtype).reshape(-1, 1, 1, 1, 1).expand_as(volume)
+        return torch.cat([smoothed, level], dim=1)
+
     def inpaint(
         self, volume: torch.Tensor, mask: torch.Tensor, guide: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +298,7 @@ class RestorationNet(nn.Module):
         rounds: int = 4,
         generator: torch.Generator | None = None,
         guide: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise ``(B, 1, D, H, W)`` normalised volumes.
 
@@ -264,13 +306,19 @@ class RestorationNet(nn.Module):
         residual of the noisy input, or with a guided network of its Gaussian smoothing ``guide`` (computed
         when None). Without one (a plain pretraining checkpoint) the prediction is blind-spot
         (Noise2Self-style): patches are split into ``rounds`` groups and each group is predicted while hidden,
-        so noise cannot be copied; expect smooth, low-detail results.
+        so noise cannot be copied; expect smooth, low-detail results. An ``nlm_input`` network's refinement also
+        sees ``context`` (:meth:`denoise_context`, computed when None); with ``nlm_guide`` its non-local means
+        replace ``guide``.
         """
         nothing = torch.zeros_like(volume, dtype=torch.bool)
         if self.refiner is not None:
             prediction = self.predict_patches(volume, self.patch_mask(nothing), ~nothing)
             if self.guided:
                 guide = self.guide(volume, None) if guide is None else guide
+                if self.nlm_input:
+                    context = self.denoise_context(volume) if context is None else context
+                    guide = context[:, :1] if self.nlm_guide else guide
+                    return guide + self.refiner(prediction, volume, nothing, guide, context)
                 return guide + self.refiner(prediction, volume, nothing, guide)
             return volume + self.refiner(prediction, volume, nothing)
         grid = self.mae.encoder.check_input(volume)

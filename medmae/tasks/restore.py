@@ -23,7 +23,8 @@ from medmae.tasks.optim import make_adamw, param_groups, step_schedule
 TASK_NAME = "mae-restore"
 MAE_TASKS = ("mae-pretrain", TASK_NAME)
 MODES = ("inpaint", "denoise", "both")
-REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False}  # and their values in older checkpoints
+# the hparams that shape the refinement, with their values in older checkpoints
+REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False, "nlm_input": False}
 
 
 def make_refiner(hparams: dict) -> Refiner | None:
@@ -33,7 +34,10 @@ def make_refiner(hparams: dict) -> Refiner | None:
         if settings["guided"]:
             raise ValueError("guided restoration needs a refinement: set refine_channels > 0 or guided: false")
         return None
-    return Refiner(int(settings["refine_channels"]), 4 if settings["guided"] else 3, int(settings["refine_depth"]))
+    if settings["nlm_input"] and not settings["guided"]:
+        raise ValueError("nlm_input needs a guided refinement: set guided: true")
+    inputs = (4 if settings["guided"] else 3) + (2 if settings["nlm_input"] else 0)
+    return Refiner(int(settings["refine_channels"]), inputs, int(settings["refine_depth"]))
 
 
 def refiner_state(path: str) -> dict[str, torch.Tensor]:
@@ -55,8 +59,10 @@ def load_refiner_state(path: str, refiner: Refiner) -> None:
 def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: Refiner) -> None:
     """Start ``refiner`` from the restoration checkpoint ``path`` when it has a compatible refinement.
 
-    Same settings: its weights are loaded. Same depth and guidance but fewer channels: they are widened
-    (:meth:`Refiner.load_narrower`), so training continues from what the narrower refinement computed.
+    Same settings: its weights are loaded. Same depth and guidance but fewer channels, or no non-local-means
+    input where ``hparams`` ask for one: they are widened (:meth:`Refiner.load_narrower`), so training continues
+    from what the narrower refinement computed. When the residual's base changes (``nlm_guide``), the loaded
+    refinement's last convolution restarts at zero, so the stage starts at the new base.
     Otherwise the refinement starts untrained (its last convolution at zero).
     """
     old = {key: pre_hparams.get(key, default) for key, default in REFINER_KEYS.items()}
@@ -66,9 +72,14 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: Refiner)
     elif (
         old["refine_depth"] == new["refine_depth"]
         and old["guided"] == new["guided"]
-        and 0 < int(old["refine_channels"]) < int(new["refine_channels"])
+        and 0 < int(old["refine_channels"]) <= int(new["refine_channels"])
+        and int(old["nlm_input"]) <= int(new["nlm_input"])
     ):
         refiner.load_narrower(refiner_state(path))
+    else:
+        return
+    if bool(pre_hparams.get("nlm_guide", False)) != bool(hparams.get("nlm_guide", False)):
+        refiner.reset_output()
 
 
 def corruption_mask(
@@ -112,6 +123,16 @@ class MAERestoreTask(L.LightningModule):
             the masked voxels, Gaussian smoothing of noisy input) instead of over the MAE's prediction; an
             untrained guided network equals the classical estimate. Needs ``refine_channels > 0``.
         smooth_sigma: Gaussian width (voxels) of the denoising guide (0: the noisy input itself).
+        nlm_input: denoising only: the refinement also sees 3D non-local means of the noisy input and the
+            noise level estimated from it (:meth:`RestorationNet.denoise_context`). Needs ``guided``.
+        nlm_h: non-local-means strength as a multiple of the estimated noise std.
+        known_noise: with ``nlm_input``, training gives the network the noise level it added instead of
+            the level estimated from the noisy crop: the network learns to remove as much noise as it is told,
+            which ``medmae denoise --noise-sigma`` (or, without it, the level estimated from the scan) sets.
+        nlm_guide: with ``nlm_input``, learn the denoising residual over the non-local means (an untrained
+            refinement returns them) instead of over the ``smooth_sigma`` guide. Starting from a checkpoint
+            whose residual had another base, the refinement keeps its weights but its last convolution restarts
+            at zero.
         gap_widths: range of slice-gap widths (inclusive).
         gap_axes: axes along which slice gaps are cut (0, 1, 2).
         region_prob: probability of masking a random box instead of a slice gap.
@@ -132,6 +153,10 @@ class MAERestoreTask(L.LightningModule):
         refine_depth: int = 3,
         guided: bool = True,
         smooth_sigma: float = 1.0,
+        nlm_input: bool = False,
+        nlm_h: float = 0.6,
+        nlm_guide: bool = False,
+        known_noise: bool = False,
         gap_widths: tuple[int, int] = (1, 5),
         gap_axes: list[int] = [0, 1, 2],  # noqa: B006 - LightningCLI needs a literal default
         region_prob: float = 0.25,
@@ -157,6 +182,8 @@ class MAERestoreTask(L.LightningModule):
             raise ValueError(
                 f"gap_widths must be 1 <= low <= high and gap_axes a list of 0/1/2, got {gap_widths}, {gap_axes}"
             )
+        if known_noise and not nlm_input:
+            raise ValueError("known_noise is the noise-level input of nlm_input: set nlm_input: true")
         self.save_hyperparameters()
         mae, pre_hparams = load_pretrained_mae(pretrained, tasks=MAE_TASKS)
         mae.train().norm_pix_loss = False  # restoration regresses normalised intensities directly
@@ -165,7 +192,7 @@ class MAERestoreTask(L.LightningModule):
             start_refiner(pretrained, pre_hparams, self.hparams, refiner)
         self.model = mae
         self.refiner = refiner
-        net = RestorationNet(mae, refiner, guided, smooth_sigma)
+        net = RestorationNet(mae, refiner, guided, smooth_sigma, nlm_input, nlm_h, nlm_guide)
         object.__setattr__(self, "net", net)  # a view sharing the parameters above
         self.hparams["task"] = TASK_NAME
         self.hparams["model_config"] = pre_hparams["model_config"]
@@ -211,25 +238,28 @@ class MAERestoreTask(L.LightningModule):
             prediction, volume, weight
         )
 
-    def add_noise(self, volume: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Noisy copy of normalised crops ``(B, 1, D, H, W)`` at a random level per crop."""
+    def add_noise(self, volume: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy copy of normalised crops ``(B, 1, D, H, W)`` at a random level per crop, and that level's
+        Gaussian std in normalised units ``(B,)``."""
         hp = self.hparams
         batch = volume.shape[0]
         shape = (batch, 1, 1, 1, 1)
         if hp.modality == "CT":
             low, high = hp.ct_noise_hu
             sigma = (low + (high - low) * torch.rand(shape, generator=generator)) / (hp.ct_window[1] - hp.ct_window[0])
-            return add_gaussian_noise(volume, sigma.to(volume.device))
+            return add_gaussian_noise(volume, sigma.to(volume.device)), sigma.flatten()
         low, high = hp.mr_noise
         flat = volume.flatten(1)
         floor = flat.min(1).values.reshape(shape)
         span = (flat.max(1).values.reshape(shape) - floor).clamp_min(1e-3)
-        level = low + (high - low) * torch.rand(shape, generator=generator)
-        cpu = add_rician_noise(volume.cpu().float(), level * span.cpu(), floor.cpu(), generator)
-        return cpu.to(volume.device, volume.dtype)
+        sigma = (low + (high - low) * torch.rand(shape, generator=generator)) * span.cpu()
+        cpu = add_rician_noise(volume.cpu().float(), sigma, floor.cpu(), generator)
+        return cpu.to(volume.device, volume.dtype), sigma.flatten()
 
     def denoise_loss(self, volume: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self._distance(self.net.denoise(self.add_noise(volume, generator)), volume)
+        noisy, sigma = self.add_noise(volume, generator)
+        context = self.net.denoise_context(noisy, sigma if self.hparams.known_noise else None)
+        return self._distance(self.net.denoise(noisy, context=context), volume)
 
     def step_loss(self, volume: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
         mode = self.hparams.mode
@@ -266,4 +296,13 @@ def load_restoration_net(path: str) -> tuple[RestorationNet, dict]:
     if refiner is not None:
         load_refiner_state(path, refiner)
     guided = refiner is not None and bool(hparams.get("guided", False))
-    return RestorationNet(mae, refiner, guided, float(hparams.get("smooth_sigma", 1.0))).eval(), hparams
+    net = RestorationNet(
+        mae,
+        refiner,
+        guided,
+        float(hparams.get("smooth_sigma", 1.0)),
+        guided and bool(hparams.get("nlm_input", False)),
+        float(hparams.get("nlm_h", 0.6)),
+        guided and bool(hparams.get("nlm_guide", False)),
+    )
+    return net.eval(), hparams

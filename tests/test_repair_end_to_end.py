@@ -153,6 +153,8 @@ def test_bad_inputs_give_one_line_errors(pretrain_ckpt: Path, tmp_path: Path, ca
     common = [str(scan), "-o", str(tmp_path / "o.nii.gz"), "--ckpt", str(pretrain_ckpt)]
     assert main(["inpaint", *common, "--mask", str(other)]) == 2
     assert "mask is on another grid" in capsys.readouterr().err
+    assert main(["denoise", *common, "--noise-sigma", "20"]) == 2
+    assert "does not take a noise level (it was trained without nlm_input)" in capsys.readouterr().err
     assert main(["inpaint", *common, "--slices", "3,400", "--axis", "z"]) == 2
     assert "slice index 400 is out of range" in capsys.readouterr().err
     foreign = tmp_path / "seg.ckpt"
@@ -328,7 +330,7 @@ def test_noise_level_known_in_training_is_the_level_added(pretrain_ckpt: Path) -
 
 
 def test_nlm_denoiser_checkpoint_through_the_commands(
-    pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path
+    pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path, capsys
 ) -> None:
     """A short fit of a non-local-means denoiser, then ``denoise --noise-sigma`` and ``evaluate-restore``."""
     L.seed_everything(0, verbose=False)
@@ -351,6 +353,10 @@ def test_nlm_denoiser_checkpoint_through_the_commands(
         main(["denoise", str(scan), "-o", str(out), "--ckpt", str(ckpt), "--noise-sigma", "20", "--device", "cpu"]) == 0
     )
     assert read_volume(out).same_grid(read_volume(scan), atol=1e-4)
+    assert (
+        main(["denoise", str(scan), "-o", str(tmp_path / "x.nii.gz"), "--ckpt", str(ckpt), "--noise-sigma", "0"]) == 2
+    )
+    assert "noise sigma must be > 0" in capsys.readouterr().err
     argv = ["evaluate-restore", "--ckpt", str(ckpt), "--scan", str(scan), "--tasks", "denoise", "--mr-noise", "0.05"]
     assert main([*argv, "--threads", "1", "-o", str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "restore_eval.json").read_text())

@@ -237,6 +237,11 @@ def run_denoise(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     require_signal(volume)
     net, hparams = load_restoration_net(args.ckpt)
+    if args.noise_sigma is not None and not net.nlm_input:
+        raise ValueError(
+            f"{args.ckpt}: this checkpoint does not take a noise level (it was trained without nlm_input); "
+            "drop --noise-sigma, or use a checkpoint trained with nlm_input: true"
+        )
     settings = replace(_settings(args), noise_sigma=args.noise_sigma)
     path = write_volume(denoise_volume(net, hparams, volume, args.modality, settings), args.output)
     print(f"wrote {path}")

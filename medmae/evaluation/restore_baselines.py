@@ -72,10 +72,10 @@ def nlm_denoise(
     if backend not in ("scikit-image", "medmae"):
         raise ValueError(f"non-local means backend must be scikit-image or medmae, got {backend!r}")
     noisy = noisy.astype(np.float64)
-    volume = torch.from_numpy(noisy.astype(np.float32))[None, None]
+    volume = torch.from_numpy(noisy.astype(np.float32))[None, None] if backend == "medmae" else None
 
     def run(factor: float) -> np.ndarray:
-        if backend == "medmae":
+        if volume is not None:
             return nonlocal_means(volume, torch.tensor([float(sigma)]), factor)[0, 0].double().numpy()
         return denoise_nl_means(noisy, patch_size=3, patch_distance=4, h=factor * sigma, sigma=sigma, fast_mode=True)
 

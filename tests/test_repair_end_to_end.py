@@ -29,7 +29,7 @@ from medmae.io import read_volume, write_volume
 from medmae.io.writers import cast_to_dtype
 from medmae.restore.corrupt import corrupt_slices
 from medmae.restore.demo import run_repair_demo
-from medmae.restore.net import gaussian_smooth
+from medmae.restore.net import UNetRefiner, gaussian_smooth
 from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
 from medmae.restore.slices import slice_mask
 from medmae.tasks.pretrain import MAEPretrainTask
@@ -216,6 +216,17 @@ def test_restoration_fit_improves_gap_psnr(pretrain_ckpt: Path, hippo_manifest: 
     nlm_based = MAERestoreTask(str(restore_ckpt), mode="denoise", refine_channels=8, nlm_input=True, nlm_guide=True)
     torch.testing.assert_close(nlm_based.refiner.layers[0].weight, nlm.refiner.layers[0].weight)
     assert not nlm_based.refiner.layers[-1].weight.any()
+    # another architecture starts untrained; a U-Net beside the stack starts at what the stack computed
+    unet = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=8, refine_arch="unet")
+    assert isinstance(unet.refiner, UNetRefiner) and not unet.refiner.unet.final_conv.weight.any()
+    dual = MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_channels=12, refine_arch="convs+unet")
+    window = [torch.randn(1, 1, 16, 16, 16) for _ in range(4)]  # a U-Net needs edges >= 16
+    torch.testing.assert_close(dual.refiner(*window), again.refiner(*window))
+    (dual.refiner(*window) - 1).square().mean().backward()
+    assert dual.refiner.unet.unet.final_conv.weight.grad.abs().sum() > 0  # the U-Net learns from step 1
+    options = r"\('convs', 'unet', 'convs\+unet'\)"
+    with pytest.raises(ValueError, match=rf"refine_arch must be one of {options}, got 'resnet'"):
+        MAERestoreTask(str(restore_ckpt), mode="inpaint", refine_arch="resnet")
 
 
 def test_untrained_guided_network_is_the_classical_estimate(pretrain_ckpt: Path) -> None:
@@ -332,21 +343,18 @@ def test_noise_level_known_in_training_is_the_level_added(pretrain_ckpt: Path) -
 def test_nlm_denoiser_checkpoint_through_the_commands(
     pretrain_ckpt: Path, hippo_manifest: Path, tmp_path: Path, capsys
 ) -> None:
-    """A short fit of a non-local-means denoiser, then ``denoise --noise-sigma`` and ``evaluate-restore``."""
+    """A short fit of a non-local-means denoiser with a U-Net refinement, then ``denoise --noise-sigma`` and
+    ``evaluate-restore``."""
     L.seed_everything(0, verbose=False)
-    task = MAERestoreTask(
-        str(pretrain_ckpt),
-        mode="denoise",
-        refine_channels=4,
-        smooth_sigma=0.0,
-        nlm_input=True,
-        nlm_guide=True,
-        known_noise=True,
-        warmup_steps=1,
-    )
+    settings = dict(mode="denoise", refine_channels=4, refine_arch="unet", smooth_sigma=0.0, nlm_input=True)
+    task = MAERestoreTask(str(pretrain_ckpt), **settings, nlm_guide=True, known_noise=True, warmup_steps=1)
     ckpt = fit(task, hippo_manifest, tmp_path, 2)
     net = load_restoration_net(ckpt)[0]
-    assert net.nlm_input and net.nlm_guide and net.refiner.layers[0].in_channels == 6
+    assert net.nlm_input and net.nlm_guide and net.refiner.unet.conv_0.conv_0.conv.in_channels == 6
+    assert net.refiner.unet.final_conv.weight.any()  # trained away from zero
+    again = MAERestoreTask(str(ckpt), **settings, nlm_guide=True, refine_depth=7)  # depth: unused by a U-Net
+    for key, value in again.refiner.state_dict().items():
+        torch.testing.assert_close(value, net.refiner.state_dict()[key])
     scan = HIPPO / "hippocampus_394.nii.gz"
     out = tmp_path / "denoised.nii.gz"
     assert (

@@ -16,7 +16,7 @@ from medmae.inference.repair import ct_intensity_map, guess_modality, mr_intensi
 from medmae.io import read_volume
 from medmae.restore.corrupt import corrupt_slices, noisy_volume
 from medmae.restore.detect import detect_corrupted_slices
-from medmae.restore.net import Refiner, gaussian_smooth, interpolate_masked
+from medmae.restore.net import Refiner, UNetRefiner, gaussian_smooth, interpolate_masked
 from medmae.restore.slices import parse_axis, parse_slices, slice_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +129,23 @@ def test_refiner_starts_at_zero_and_every_parameter_learns():
     assert out.shape == (2, 1, 6, 6, 6) and out.abs().max() == 0
     (out - 1).square().mean().backward()
     assert refiner.layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_unet_refiner_starts_at_zero_on_odd_windows_and_learns():
+    torch.manual_seed(0)
+    refiner = UNetRefiner(4, inputs=6)
+    inputs = [torch.randn(2, 1, 35, 50, 19) for _ in range(6)]  # edges that do not halve evenly four times
+    out = refiner(*inputs)
+    assert out.shape == (2, 1, 35, 50, 19) and out.abs().max() == 0
+    (out - 1).square().mean().backward()
+    assert refiner.unet.final_conv.weight.grad.abs().sum() > 0
+    torch.nn.init.normal_(refiner.unet.final_conv.weight, std=0.1)  # "trained": the residual now depends on
+    moved = [x.clone() for x in inputs]  # voxels far away (it sees the whole window), unlike a 4-layer stack
+    moved[1][:, :, 30:, 45:, 15:] += 5.0
+    difference = (refiner(*moved) - refiner(*inputs)).abs()[0, 0]
+    assert difference[:10, :10, :5].max() > 0
+    with pytest.raises(ValueError, match="channels >= 1"):
+        UNetRefiner(0, inputs=6)
 
 
 def test_widened_refiner_computes_what_the_narrow_one_did_and_grows_new_channels():

@@ -9,6 +9,10 @@ A *guided* network (restoration checkpoints since the second pass of issue 4) al
 a classical estimate and learns a residual over it: linear interpolation across the masked voxels
 (inpainting) or Gaussian smoothing (denoising). Its last convolution starts at zero, so an untrained
 guided network is exactly the classical method, and training can only move away from it where that helps.
+
+The refinement is a plain stack of 3x3x3 convolutions (:class:`Refiner`, a receptive field of
+``2 * depth + 1`` voxels), a small U-Net (:class:`UNetRefiner`, four poolings: it sees the whole window), or
+both with their residuals summed (:class:`DualRefiner`, which can start from a trained stack).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.simplelayers import gaussian_1d, separable_filtering
+from monai.networks.nets import BasicUNet
 
 from medmae.models.mae import MaskedAutoencoder3D
 from medmae.models.patching import patch_mask_to_voxels, patchify, unpatchify
@@ -88,6 +93,69 @@ class Refiner(nn.Module):
             conv.weight[:out_old, in_old:] = 0.0  # inputs from new channels or new input maps start at zero
             conv.weight[:out_old, :in_old] = weight
             conv.bias[:out_old] = bias
+
+
+class UNetRefiner(nn.Module):
+    """A U-Net (MONAI's ``BasicUNet``: four 2x poolings, GELU, no normalisation) predicting the voxel-level residual.
+
+    Same interface as :class:`Refiner`, with a receptive field that spans a whole 32³ window, for residuals that
+    need more context than a few voxels (denoising at high noise). Widths ``(c, c, 2c, 4c, 8c)``
+    down and ``c`` at the top; its last (1x1x1) convolution starts at zero. Any window size works (odd edges
+    are padded where the U-Net upsamples).
+
+    Args:
+        channels: width ``c`` of the first level.
+        inputs: number of input channels (as for :class:`Refiner`).
+    """
+
+    def __init__(self, channels: int = 16, inputs: int = 3) -> None:
+        super().__init__()
+        if channels < 1 or inputs < 1:
+            raise ValueError(f"U-Net refinement needs channels >= 1 and inputs >= 1, got {channels}, {inputs}")
+        widths = (channels, channels, 2 * channels, 4 * channels, 8 * channels, channels)
+        self.unet = BasicUNet(3, inputs, 1, features=widths, act="gelu", norm=None)
+        self.reset_output()
+
+    def forward(self, *channels: torch.Tensor) -> torch.Tensor:
+        """Each input ``(B, 1, D, H, W)`` (bool masks are cast); returns the residual ``(B, 1, D, H, W)``."""
+        dtype = channels[0].dtype
+        return self.unet(torch.cat([c.to(dtype) for c in channels], dim=1))
+
+    @torch.no_grad()
+    def reset_output(self) -> None:
+        """Zero the last convolution: the refinement then adds nothing to its base until trained again."""
+        nn.init.zeros_(self.unet.final_conv.weight)
+        nn.init.zeros_(self.unet.final_conv.bias)
+
+
+class DualRefiner(nn.Module):
+    """A convolution stack and a U-Net side by side; the residual is the sum of theirs.
+
+    Built to continue a trained :class:`Refiner`: its weights go into ``convs`` and the U-Net starts at zero,
+    so the network starts by computing exactly what the stack did and the U-Net adds the wider context.
+
+    Args:
+        channels: width of the stack and of the U-Net's first level.
+        inputs: number of input channels (as for :class:`Refiner`).
+        depth: number of convolutions of the stack.
+    """
+
+    def __init__(self, channels: int = 16, inputs: int = 3, depth: int = 3) -> None:
+        super().__init__()
+        self.convs = Refiner(channels, inputs, depth)
+        self.unet = UNetRefiner(channels, inputs)
+
+    def forward(self, *channels: torch.Tensor) -> torch.Tensor:
+        """Each input ``(B, 1, D, H, W)``; returns the summed residual ``(B, 1, D, H, W)``."""
+        return self.convs(*channels) + self.unet(*channels)
+
+    def reset_output(self) -> None:
+        """Zero the last convolution of both parts."""
+        self.convs.reset_output()
+        self.unet.reset_output()
+
+
+AnyRefiner = Refiner | UNetRefiner | DualRefiner
 
 
 def interpolate_masked(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,7 +234,8 @@ class RestorationNet(nn.Module):
     Args:
         mae: the masked autoencoder; with ``norm_pix_loss`` its per-patch normalised predictions are
             mapped back with statistics of each patch's intact voxels.
-        refiner: voxel-level refinement (restoration checkpoints); None for a plain pretraining checkpoint.
+        refiner: voxel-level refinement (:class:`Refiner`, :class:`UNetRefiner` or :class:`DualRefiner`;
+            restoration checkpoints); None for a plain pretraining checkpoint.
         guided: the refiner also sees a classical estimate (:meth:`guide`) and predicts a residual over it
             instead of over the MAE's prediction; needs a refiner with 4 inputs.
         smooth_sigma: Gaussian width (voxels) of the denoising guide; 0 makes the guide the noisy input itself
@@ -181,7 +250,7 @@ class RestorationNet(nn.Module):
     def __init__(
         self,
         mae: MaskedAutoencoder3D,
-        refiner: Refiner | None = None,
+        refiner: AnyRefiner | None = None,
         guided: bool = False,
         smooth_sigma: float = 1.0,
         nlm_input: bool = False,

@@ -16,18 +16,19 @@ import torch
 
 from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
-from medmae.restore.net import Refiner, RestorationNet
+from medmae.restore.net import AnyRefiner, DualRefiner, Refiner, RestorationNet, UNetRefiner
 from medmae.tasks.callbacks import checkpoint_callbacks
 from medmae.tasks.optim import make_adamw, param_groups, step_schedule
 
 TASK_NAME = "mae-restore"
 MAE_TASKS = ("mae-pretrain", TASK_NAME)
 MODES = ("inpaint", "denoise", "both")
+REFINER_ARCHS = ("convs", "unet", "convs+unet")
 # the hparams that shape the refinement, with their values in older checkpoints
-REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False, "nlm_input": False}
+REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False, "nlm_input": False, "refine_arch": "convs"}
 
 
-def make_refiner(hparams: dict) -> Refiner | None:
+def make_refiner(hparams: dict) -> AnyRefiner | None:
     """The (untrained) refinement a restoration checkpoint's ``hparams`` describe; None without one."""
     settings = {key: hparams.get(key, default) for key, default in REFINER_KEYS.items()}
     if int(settings["refine_channels"]) <= 0:
@@ -36,8 +37,15 @@ def make_refiner(hparams: dict) -> Refiner | None:
         return None
     if settings["nlm_input"] and not settings["guided"]:
         raise ValueError("nlm_input needs a guided refinement: set guided: true")
+    if settings["refine_arch"] not in REFINER_ARCHS:
+        raise ValueError(f"refine_arch must be one of {REFINER_ARCHS}, got {settings['refine_arch']!r}")
     inputs = (4 if settings["guided"] else 3) + (2 if settings["nlm_input"] else 0)
-    return Refiner(int(settings["refine_channels"]), inputs, int(settings["refine_depth"]))
+    channels, depth = int(settings["refine_channels"]), int(settings["refine_depth"])
+    if settings["refine_arch"] == "unet":
+        return UNetRefiner(channels, inputs)
+    if settings["refine_arch"] == "convs+unet":
+        return DualRefiner(channels, inputs, depth)
+    return Refiner(channels, inputs, depth)
 
 
 def refiner_state(path: str) -> dict[str, torch.Tensor]:
@@ -46,7 +54,7 @@ def refiner_state(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
 
 
-def load_refiner_state(path: str, refiner: Refiner) -> None:
+def load_refiner_state(path: str, refiner: AnyRefiner) -> None:
     """Load the ``refiner.*`` weights of the checkpoint ``path`` into ``refiner`` (CheckpointError if they differ)."""
     try:
         refiner.load_state_dict(refiner_state(path), strict=True)
@@ -56,26 +64,31 @@ def load_refiner_state(path: str, refiner: Refiner) -> None:
         ) from None
 
 
-def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: Refiner) -> None:
+def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefiner) -> None:
     """Start ``refiner`` from the restoration checkpoint ``path`` when it has a compatible refinement.
 
-    Same settings: its weights are loaded. Same depth and guidance but fewer channels, or no non-local-means
-    input where ``hparams`` ask for one: they are widened (:meth:`Refiner.load_narrower`), so training continues
-    from what the narrower refinement computed. When the residual's base changes (``nlm_guide``), the loaded
-    refinement's last convolution restarts at zero, so the stage starts at the new base.
-    Otherwise the refinement starts untrained (its last convolution at zero).
+    Same settings: its weights are loaded. Same depth and guidance of a convolution stack but fewer channels,
+    or no non-local-means input where ``hparams`` ask for one: they are widened (:meth:`Refiner.load_narrower`),
+    so training continues from what the narrower refinement computed. A ``convs+unet`` stage after a ``convs`` one
+    loads (or widens) the stack into its ``convs`` part and starts the U-Net at zero. When the residual's base changes
+    (``nlm_guide``), the loaded refinement's last convolution restarts at zero, so the stage starts at the new base.
+    Otherwise (e.g. another ``refine_arch``) the refinement starts untrained (its last convolution at zero).
     """
     old = {key: pre_hparams.get(key, default) for key, default in REFINER_KEYS.items()}
     new = {key: hparams[key] for key in REFINER_KEYS}
+    if old["refine_arch"] == new["refine_arch"] == "unet":
+        old["refine_depth"] = new["refine_depth"]  # unused by a U-Net
     if old == new:
         load_refiner_state(path, refiner)
     elif (
-        old["refine_depth"] == new["refine_depth"]
+        old["refine_arch"] == "convs"
+        and new["refine_arch"] in ("convs", "convs+unet")
+        and old["refine_depth"] == new["refine_depth"]
         and old["guided"] == new["guided"]
         and 0 < int(old["refine_channels"]) <= int(new["refine_channels"])
         and int(old["nlm_input"]) <= int(new["nlm_input"])
     ):
-        refiner.load_narrower(refiner_state(path))
+        (refiner.convs if isinstance(refiner, DualRefiner) else refiner).load_narrower(refiner_state(path))
     else:
         return
     if bool(pre_hparams.get("nlm_guide", False)) != bool(hparams.get("nlm_guide", False)):
@@ -118,7 +131,11 @@ class MAERestoreTask(L.LightningModule):
         mode: ``inpaint``, ``denoise``, or ``both`` (alternating batches).
         modality: ``MR`` (Rician noise) or ``CT`` (Gaussian noise in HU); the data's normalisation must match.
         refine_channels: width of the voxel-level refinement; 0 trains the MAE alone.
-        refine_depth: number of 3x3x3 convolutions of the refinement.
+        refine_depth: number of 3x3x3 convolutions of a ``convs`` refinement.
+        refine_arch: ``convs`` (a stack of ``refine_depth`` 3x3x3 convolutions, :class:`Refiner`), ``unet``
+            (a U-Net with ``refine_channels`` at its first level, :class:`UNetRefiner`; ``refine_depth`` unused)
+            or ``convs+unet`` (both, residuals summed, :class:`DualRefiner`; after a ``convs`` stage the stack
+            continues from its weights and the U-Net starts at zero).
         guided: the refinement learns a residual over a classical estimate (linear interpolation across
             the masked voxels, Gaussian smoothing of noisy input) instead of over the MAE's prediction; an
             untrained guided network equals the classical estimate. Needs ``refine_channels > 0``.
@@ -151,6 +168,7 @@ class MAERestoreTask(L.LightningModule):
         modality: str = "MR",
         refine_channels: int = 16,
         refine_depth: int = 3,
+        refine_arch: str = "convs",
         guided: bool = True,
         smooth_sigma: float = 1.0,
         nlm_input: bool = False,
@@ -182,6 +200,8 @@ class MAERestoreTask(L.LightningModule):
             raise ValueError(
                 f"gap_widths must be 1 <= low <= high and gap_axes a list of 0/1/2, got {gap_widths}, {gap_axes}"
             )
+        if refine_arch not in REFINER_ARCHS:
+            raise ValueError(f"refine_arch must be one of {REFINER_ARCHS}, got {refine_arch!r}")
         if known_noise and not nlm_input:
             raise ValueError("known_noise is the noise-level input of nlm_input: set nlm_input: true")
         self.save_hyperparameters()

@@ -31,14 +31,14 @@ REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False, "nlm_i
 def make_refiner(hparams: dict) -> AnyRefiner | None:
     """The (untrained) refinement a restoration checkpoint's ``hparams`` describe; None without one."""
     settings = {key: hparams.get(key, default) for key, default in REFINER_KEYS.items()}
+    if settings["refine_arch"] not in REFINER_ARCHS:
+        raise ValueError(f"refine_arch must be one of {REFINER_ARCHS}, got {settings['refine_arch']!r}")
     if int(settings["refine_channels"]) <= 0:
         if settings["guided"]:
             raise ValueError("guided restoration needs a refinement: set refine_channels > 0 or guided: false")
         return None
     if settings["nlm_input"] and not settings["guided"]:
         raise ValueError("nlm_input needs a guided refinement: set guided: true")
-    if settings["refine_arch"] not in REFINER_ARCHS:
-        raise ValueError(f"refine_arch must be one of {REFINER_ARCHS}, got {settings['refine_arch']!r}")
     inputs = (4 if settings["guided"] else 3) + (2 if settings["nlm_input"] else 0)
     channels, depth = int(settings["refine_channels"]), int(settings["refine_depth"])
     if settings["refine_arch"] == "unet":
@@ -200,8 +200,6 @@ class MAERestoreTask(L.LightningModule):
             raise ValueError(
                 f"gap_widths must be 1 <= low <= high and gap_axes a list of 0/1/2, got {gap_widths}, {gap_axes}"
             )
-        if refine_arch not in REFINER_ARCHS:
-            raise ValueError(f"refine_arch must be one of {REFINER_ARCHS}, got {refine_arch!r}")
         if known_noise and not nlm_input:
             raise ValueError("known_noise is the noise-level input of nlm_input: set nlm_input: true")
         self.save_hyperparameters()

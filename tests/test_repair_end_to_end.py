@@ -355,6 +355,12 @@ def test_nlm_denoiser_checkpoint_through_the_commands(
     again = MAERestoreTask(str(ckpt), **settings, nlm_guide=True, refine_depth=7)  # depth: unused by a U-Net
     for key, value in again.refiner.state_dict().items():
         torch.testing.assert_close(value, net.refiner.state_dict()[key])
+    wider = MAERestoreTask(str(ckpt), **settings, nlm_guide=True, unet_channels=8)  # widened: the same function
+    assert wider.refiner.unet.conv_0.conv_0.conv.out_channels == 8
+    window = [torch.randn(1, 1, 16, 16, 16) for _ in range(6)]
+    torch.testing.assert_close(wider.refiner(*window), net.refiner(*window))
+    with pytest.raises(ValueError, match="unet_channels must be >= 0"):
+        MAERestoreTask(str(ckpt), **settings, unet_channels=-1)
     scan = HIPPO / "hippocampus_394.nii.gz"
     out = tmp_path / "denoised.nii.gz"
     assert (

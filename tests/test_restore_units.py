@@ -14,10 +14,12 @@ from medmae.evaluation.restore_baselines import interpolate_slices
 from medmae.evaluation.restore_metrics import psnr_in_mask, restore_scores
 from medmae.inference.repair import ct_intensity_map, guess_modality, mr_intensity_map
 from medmae.io import read_volume
+from medmae.models.checkpoint import CheckpointError
 from medmae.restore.corrupt import corrupt_slices, noisy_volume
 from medmae.restore.detect import detect_corrupted_slices
-from medmae.restore.net import Refiner, UNetRefiner, gaussian_smooth, interpolate_masked
+from medmae.restore.net import DualRefiner, Refiner, UNetRefiner, gaussian_smooth, interpolate_masked
 from medmae.restore.slices import parse_axis, parse_slices, slice_mask
+from medmae.tasks.restore import load_refiner_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -146,6 +148,44 @@ def test_unet_refiner_starts_at_zero_on_odd_windows_and_learns():
     assert difference[:10, :10, :5].max() > 0
     with pytest.raises(ValueError, match="channels >= 1"):
         UNetRefiner(0, inputs=6)
+
+
+def test_widened_unet_refiner_computes_what_the_narrow_one_did_and_grows_new_channels():
+    torch.manual_seed(0)
+    narrow = UNetRefiner(4, inputs=6).double()  # float64: float32 rounding would swamp the comparison
+    for parameter in narrow.parameters():  # a "trained" U-Net: no zero last layer
+        torch.nn.init.normal_(parameter, std=0.2)
+    inputs = [torch.randn(2, 1, 35, 20, 19, dtype=torch.float64) for _ in range(6)]
+    wide = UNetRefiner(8, inputs=6).double()
+    wide.load_narrower(narrow.state_dict())
+    torch.testing.assert_close(wide(*inputs), narrow(*inputs))
+    (wide(*inputs) - 1).square().mean().backward()
+    assert wide.unet.final_conv.weight.grad[:, 4:].abs().sum() > 0  # the new channels feed the output from step 1
+    upcat = wide.unet.upcat_4.convs.conv_0.conv.weight  # reads cat([skip 32 (old 16), upsampled 32 (old 16)])
+    assert upcat.grad[:16, 16:32].abs().sum() > 0 and upcat.grad[:16, 48:].abs().sum() > 0
+    more_inputs = UNetRefiner(8, inputs=7).double()
+    more_inputs.load_narrower(narrow.state_dict())
+    extra = torch.randn(2, 1, 35, 20, 19, dtype=torch.float64)
+    torch.testing.assert_close(more_inputs(*inputs, extra), narrow(*inputs))
+    with pytest.raises(ValueError, match=r"cannot load unet.conv_0.conv_0.conv.weight \(4, 6, 3, 3, 3\)"):
+        UNetRefiner(3, inputs=6).load_narrower(narrow.state_dict())
+    with pytest.raises(ValueError, match="not a U-Net refinement"):
+        UNetRefiner(8, inputs=6).load_narrower(Refiner(4, inputs=6).state_dict())
+
+
+def test_dual_refiner_checkpoint_loads_into_a_wider_unet(tmp_path: Path):
+    torch.manual_seed(0)
+    narrow = DualRefiner(4, inputs=6, depth=3)
+    for parameter in narrow.unet.parameters():  # a "trained" U-Net: no zero last layer
+        torch.nn.init.normal_(parameter, std=0.05)
+    path = tmp_path / "restore.ckpt"
+    torch.save({"state_dict": {f"refiner.{k}": v for k, v in narrow.state_dict().items()}}, path)
+    wide = DualRefiner(4, inputs=6, depth=3, unet_channels=8)
+    load_refiner_state(str(path), wide, widen_unet=True)
+    window = [torch.randn(1, 1, 16, 16, 16) for _ in range(6)]
+    torch.testing.assert_close(wide(*window), narrow(*window))
+    with pytest.raises(CheckpointError, match=r"restore\.ckpt: refinement weights do not match its settings"):
+        load_refiner_state(str(path), DualRefiner(6, inputs=6, depth=3, unet_channels=8), widen_unet=True)
 
 
 def test_widened_refiner_computes_what_the_narrow_one_did_and_grows_new_channels():

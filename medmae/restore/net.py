@@ -127,6 +127,51 @@ class UNetRefiner(nn.Module):
         nn.init.zeros_(self.unet.final_conv.weight)
         nn.init.zeros_(self.unet.final_conv.bias)
 
+    @torch.no_grad()
+    def load_narrower(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from a trained U-Net refinement with fewer channels and/or inputs, computing the same output.
+
+        Net2Net-style widening as in :meth:`Refiner.load_narrower`: every old channel keeps its weights, new
+        channels keep their random incoming weights, and every weight *from* a new channel (or a new input map)
+        *to* an old channel starts at zero, so old channels, and the output, are what the narrow U-Net computed.
+        An up-sampling level's first convolution reads ``cat([skip, upsampled])``: its old inputs are the first
+        channels of each of the two parts.
+
+        Args:
+            state: the narrow U-Net's ``state_dict`` (keys ``unet.*``).
+
+        Raises:
+            ValueError: ``state`` is not a U-Net refinement with at most as many channels and inputs.
+        """
+        params = dict(self.named_parameters())
+        if set(state) != set(params):
+            raise ValueError(f"not a U-Net refinement: {sorted(set(state) ^ set(params))[:4]}")
+        for name, weight in params.items():
+            narrow = state[name]
+            if narrow.ndim != weight.ndim or any(o > n for o, n in zip(narrow.shape, weight.shape)):
+                raise ValueError(
+                    f"cannot load {name} {tuple(narrow.shape)} into a U-Net refinement whose is {tuple(weight.shape)}"
+                )
+        for name, weight in params.items():
+            narrow = state[name]
+            if name.endswith("bias"):
+                weight[: narrow.shape[0]] = narrow
+                continue
+            transposed = ".upsample.deconv." in name  # ConvTranspose3d weights are (in, out, ...)
+            out_dim, in_dim = (1, 0) if transposed else (0, 1)
+            old_inputs = torch.arange(narrow.shape[in_dim])
+            if ".convs.conv_0." in name and name.startswith("unet.upcat_"):
+                skip_new = weight.shape[in_dim] - params[name.split(".convs.")[0] + ".upsample.deconv.weight"].shape[1]
+                skip_old = narrow.shape[in_dim] - state[name.split(".convs.")[0] + ".upsample.deconv.weight"].shape[1]
+                old_inputs = torch.cat(
+                    [torch.arange(skip_old), skip_new + torch.arange(narrow.shape[in_dim] - skip_old)]
+                )
+            old_outputs = torch.arange(narrow.shape[out_dim])
+            weight.index_fill_(out_dim, old_outputs, 0.0)  # new inputs start at zero for the old channels
+            target = weight.index_select(out_dim, old_outputs)
+            target.index_copy_(in_dim, old_inputs, narrow)
+            weight.index_copy_(out_dim, old_outputs, target)
+
 
 class DualRefiner(nn.Module):
     """A convolution stack and a U-Net side by side; the residual is the sum of theirs.
@@ -135,15 +180,16 @@ class DualRefiner(nn.Module):
     so the network starts by computing exactly what the stack did and the U-Net adds the wider context.
 
     Args:
-        channels: width of the stack and of the U-Net's first level.
+        channels: width of the stack (and of the U-Net's first level unless ``unet_channels``).
         inputs: number of input channels (as for :class:`Refiner`).
         depth: number of convolutions of the stack.
+        unet_channels: width of the U-Net's first level; 0: ``channels``.
     """
 
-    def __init__(self, channels: int = 16, inputs: int = 3, depth: int = 3) -> None:
+    def __init__(self, channels: int = 16, inputs: int = 3, depth: int = 3, unet_channels: int = 0) -> None:
         super().__init__()
         self.convs = Refiner(channels, inputs, depth)
-        self.unet = UNetRefiner(channels, inputs)
+        self.unet = UNetRefiner(unet_channels or channels, inputs)
 
     def forward(self, *channels: torch.Tensor) -> torch.Tensor:
         """Each input ``(B, 1, D, H, W)``; returns the summed residual ``(B, 1, D, H, W)``."""

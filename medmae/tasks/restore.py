@@ -25,7 +25,21 @@ MAE_TASKS = ("mae-pretrain", TASK_NAME)
 MODES = ("inpaint", "denoise", "both")
 REFINER_ARCHS = ("convs", "unet", "convs+unet")
 # the hparams that shape the refinement, with their values in older checkpoints
-REFINER_KEYS = {"refine_channels": 0, "refine_depth": 3, "guided": False, "nlm_input": False, "refine_arch": "convs"}
+REFINER_KEYS = {
+    "refine_channels": 0,
+    "refine_depth": 3,
+    "guided": False,
+    "nlm_input": False,
+    "refine_arch": "convs",
+    "unet_channels": 0,
+}
+
+
+def unet_width(settings: dict) -> int:
+    """The first-level width of the U-Net of a refinement's ``settings`` (0 for a ``convs`` refinement)."""
+    if settings.get("refine_arch", "convs") == "convs":
+        return 0
+    return int(settings.get("unet_channels", 0) or 0) or int(settings["refine_channels"])
 
 
 def make_refiner(hparams: dict) -> AnyRefiner | None:
@@ -41,10 +55,12 @@ def make_refiner(hparams: dict) -> AnyRefiner | None:
         raise ValueError("nlm_input needs a guided refinement: set guided: true")
     inputs = (4 if settings["guided"] else 3) + (2 if settings["nlm_input"] else 0)
     channels, depth = int(settings["refine_channels"]), int(settings["refine_depth"])
+    if int(settings["unet_channels"]) < 0:
+        raise ValueError(f"unet_channels must be >= 0 (0: refine_channels), got {settings['unet_channels']}")
     if settings["refine_arch"] == "unet":
-        return UNetRefiner(channels, inputs)
+        return UNetRefiner(unet_width(settings), inputs)
     if settings["refine_arch"] == "convs+unet":
-        return DualRefiner(channels, inputs, depth)
+        return DualRefiner(channels, inputs, depth, unet_width(settings))
     return Refiner(channels, inputs, depth)
 
 
@@ -54,11 +70,27 @@ def refiner_state(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
 
 
-def load_refiner_state(path: str, refiner: AnyRefiner) -> None:
-    """Load the ``refiner.*`` weights of the checkpoint ``path`` into ``refiner`` (CheckpointError if they differ)."""
+def load_refiner_state(path: str, refiner: AnyRefiner, widen_unet: bool = False) -> None:
+    """Load the ``refiner.*`` weights of the checkpoint ``path`` into ``refiner`` (CheckpointError if they differ).
+
+    ``widen_unet``: ``refiner``'s U-Net may be wider than the checkpoint's (:meth:`UNetRefiner.load_narrower`).
+    """
+    state = refiner_state(path)
     try:
-        refiner.load_state_dict(refiner_state(path), strict=True)
-    except RuntimeError as error:
+        if not widen_unet:
+            refiner.load_state_dict(state, strict=True)
+        elif isinstance(refiner, DualRefiner):
+            parts = {
+                name: {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+                for name in ("convs", "unet")
+            }
+            refiner.convs.load_state_dict(parts["convs"], strict=True)
+            refiner.unet.load_narrower(parts["unet"])
+        elif isinstance(refiner, UNetRefiner):
+            refiner.load_narrower(state)
+        else:
+            raise ValueError(f"a {type(refiner).__name__} has no U-Net to widen")
+    except (RuntimeError, ValueError) as error:
         raise CheckpointError(
             f"{path}: refinement weights do not match its settings ({str(error).splitlines()[0]})"
         ) from None
@@ -70,16 +102,26 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefin
     Same settings: its weights are loaded. Same depth and guidance of a convolution stack but fewer channels,
     or no non-local-means input where ``hparams`` ask for one: they are widened (:meth:`Refiner.load_narrower`),
     so training continues from what the narrower refinement computed. A ``convs+unet`` stage after a ``convs`` one
-    loads (or widens) the stack into its ``convs`` part and starts the U-Net at zero. When the residual's base changes
-    (``nlm_guide``), the loaded refinement's last convolution restarts at zero, so the stage starts at the new base.
+    loads (or widens) the stack into its ``convs`` part and starts the U-Net at zero. A stage that only asks for a
+    wider U-Net (``unet_channels``) loads the rest and widens the U-Net (:meth:`UNetRefiner.load_narrower`). When
+    the residual's base changes (``nlm_guide``), the loaded refinement's last convolution restarts at zero, so the
+    stage starts at the new base.
     Otherwise (e.g. another ``refine_arch``) the refinement starts untrained (its last convolution at zero).
     """
     old = {key: pre_hparams.get(key, default) for key, default in REFINER_KEYS.items()}
     new = {key: hparams[key] for key in REFINER_KEYS}
+    old["unet_channels"], new["unet_channels"] = unet_width(old), unet_width(new)
     if old["refine_arch"] == new["refine_arch"] == "unet":
         old["refine_depth"] = new["refine_depth"]  # unused by a U-Net
+        old["refine_channels"] = new["refine_channels"]  # unet_channels, compared above, is its width
     if old == new:
         load_refiner_state(path, refiner)
+    elif (
+        old["refine_arch"] != "convs"
+        and old == {**new, "unet_channels": old["unet_channels"]}
+        and (old["unet_channels"] <= new["unet_channels"])
+    ):
+        load_refiner_state(path, refiner, widen_unet=True)
     elif (
         old["refine_arch"] == "convs"
         and new["refine_arch"] in ("convs", "convs+unet")
@@ -133,9 +175,12 @@ class MAERestoreTask(L.LightningModule):
         refine_channels: width of the voxel-level refinement; 0 trains the MAE alone.
         refine_depth: number of 3x3x3 convolutions of a ``convs`` refinement.
         refine_arch: ``convs`` (a stack of ``refine_depth`` 3x3x3 convolutions, :class:`Refiner`), ``unet``
-            (a U-Net with ``refine_channels`` at its first level, :class:`UNetRefiner`; ``refine_depth`` unused)
+            (a U-Net, :class:`UNetRefiner`, ``unet_channels`` wide at its first level; ``refine_depth`` unused)
             or ``convs+unet`` (both, residuals summed, :class:`DualRefiner`; after a ``convs`` stage the stack
             continues from its weights and the U-Net starts at zero).
+        unet_channels: first-level width of the U-Net of a ``unet`` or ``convs+unet`` refinement (0: the
+            ``refine_channels``). Continuing a checkpoint with a wider U-Net widens it (Net2Net-style), so the stage
+            starts from what the narrower one computed.
         guided: the refinement learns a residual over a classical estimate (linear interpolation across
             the masked voxels, Gaussian smoothing of noisy input) instead of over the MAE's prediction; an
             untrained guided network equals the classical estimate. Needs ``refine_channels > 0``.
@@ -169,6 +214,7 @@ class MAERestoreTask(L.LightningModule):
         refine_channels: int = 16,
         refine_depth: int = 3,
         refine_arch: str = "convs",
+        unet_channels: int = 0,
         guided: bool = True,
         smooth_sigma: float = 1.0,
         nlm_input: bool = False,

@@ -150,7 +150,8 @@ class UNetRefiner(nn.Module):
             narrow = state[name]
             if narrow.ndim != weight.ndim or any(o > n for o, n in zip(narrow.shape, weight.shape)):
                 raise ValueError(
-                    f"cannot load {name} {tuple(narrow.shape)} into a U-Net refinement whose is {tuple(weight.shape)}"
+                    f"cannot load {name} {tuple(narrow.shape)} into {tuple(weight.shape)}: the checkpoint's U-Net "
+                    "is wider or has more inputs"
                 )
         for name, weight in params.items():
             narrow = state[name]
@@ -160,12 +161,12 @@ class UNetRefiner(nn.Module):
             transposed = ".upsample.deconv." in name  # ConvTranspose3d weights are (in, out, ...)
             out_dim, in_dim = (1, 0) if transposed else (0, 1)
             old_inputs = torch.arange(narrow.shape[in_dim])
-            if ".convs.conv_0." in name and name.startswith("unet.upcat_"):
-                skip_new = weight.shape[in_dim] - params[name.split(".convs.")[0] + ".upsample.deconv.weight"].shape[1]
-                skip_old = narrow.shape[in_dim] - state[name.split(".convs.")[0] + ".upsample.deconv.weight"].shape[1]
-                old_inputs = torch.cat(
-                    [torch.arange(skip_old), skip_new + torch.arange(narrow.shape[in_dim] - skip_old)]
-                )
+            if name.startswith("unet.upcat_") and ".convs.conv_0." in name:  # reads cat([skip, upsampled])
+                upsampled = name.split(".convs.")[0] + ".upsample.deconv.weight"  # (in, out, ...): out = its width
+                skip_wide = weight.shape[in_dim] - params[upsampled].shape[1]
+                skip_narrow = narrow.shape[in_dim] - state[upsampled].shape[1]
+                upsampled_narrow = torch.arange(state[upsampled].shape[1])
+                old_inputs = torch.cat([torch.arange(skip_narrow), skip_wide + upsampled_narrow])
             old_outputs = torch.arange(narrow.shape[out_dim])
             weight.index_fill_(out_dim, old_outputs, 0.0)  # new inputs start at zero for the old channels
             target = weight.index_select(out_dim, old_outputs)

@@ -119,7 +119,7 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefin
     elif (
         old["refine_arch"] != "convs"
         and old == {**new, "unet_channels": old["unet_channels"]}
-        and (old["unet_channels"] <= new["unet_channels"])
+        and old["unet_channels"] <= new["unet_channels"]
     ):
         load_refiner_state(path, refiner, widen_unet=True)
     elif (

@@ -30,6 +30,12 @@ from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
 NOISE_MAP_SCALE = 10.0  # the noise-level input is 10x the estimated std (CT: 0.1 at 20 HU in a 2000 HU window)
 
 
+def stack_inputs(channels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The refinement's inputs, each ``(B, 1, D, H, W)``, as one ``(B, C, D, H, W)`` in the first one's dtype."""
+    dtype = channels[0].dtype
+    return torch.cat([c.to(dtype) for c in channels], dim=1)
+
+
 class Refiner(nn.Module):
     """3x3x3 convolutions predicting a voxel-level residual from stacked input channels.
 
@@ -57,8 +63,7 @@ class Refiner(nn.Module):
 
     def forward(self, *channels: torch.Tensor) -> torch.Tensor:
         """Each input ``(B, 1, D, H, W)`` (bool masks are cast); returns the residual ``(B, 1, D, H, W)``."""
-        dtype = channels[0].dtype
-        return self.layers(torch.cat([c.to(dtype) for c in channels], dim=1))
+        return self.layers(stack_inputs(channels))
 
     @torch.no_grad()
     def reset_output(self) -> None:
@@ -118,8 +123,7 @@ class UNetRefiner(nn.Module):
 
     def forward(self, *channels: torch.Tensor) -> torch.Tensor:
         """Each input ``(B, 1, D, H, W)`` (bool masks are cast); returns the residual ``(B, 1, D, H, W)``."""
-        dtype = channels[0].dtype
-        return self.unet(torch.cat([c.to(dtype) for c in channels], dim=1))
+        return self.unet(stack_inputs(channels))
 
     @torch.no_grad()
     def reset_output(self) -> None:

@@ -39,7 +39,7 @@ def unet_width(settings: dict) -> int:
     """The first-level width of the U-Net of a refinement's ``settings`` (0 for a ``convs`` refinement)."""
     if settings.get("refine_arch", "convs") == "convs":
         return 0
-    return int(settings.get("unet_channels", 0) or 0) or int(settings["refine_channels"])
+    return int(settings.get("unet_channels") or 0) or int(settings["refine_channels"])
 
 
 def make_refiner(hparams: dict) -> AnyRefiner | None:

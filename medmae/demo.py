@@ -98,7 +98,7 @@ def pretrain_step(result: DemoResult, max_steps: int, max_minutes: float, seed: 
         norm_pix_loss=False,
         lr=1e-3,
         warmup_steps=20,
-        seed=seed,
+        mask_seed=seed,
         figure_every_n_steps=max(1, max_steps // 4),
     )
     data = crop_datamodule(result.manifest, seed)
@@ -156,7 +156,7 @@ def restoration_finetune(result: DemoResult, seed: int, max_steps: int) -> Path:
         mae_loss_weight=0.2,
         lr=1e-3,
         warmup_steps=max(1, max_steps // 10),
-        seed=seed,
+        noise_seed=seed,
     )
     data = crop_datamodule(result.manifest, seed)
     trainer = L.Trainer(

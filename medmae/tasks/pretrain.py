@@ -37,7 +37,8 @@ class MAEPretrainTask(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warm-up length in optimizer steps.
         grad_checkpointing: trade compute for memory in the encoder.
-        seed: seed of the masking generator (offset by the global rank).
+        mask_seed: seed of the masking generator (offset by the global rank; the data's ``seed`` splits and
+            shuffles the scans).
         figure_every_n_steps: save a reconstruction figure this often (0: only at the end).
         compile: ``torch.compile`` every transformer block (GPU runs; the state dict keys are unchanged).
     """
@@ -67,7 +68,7 @@ class MAEPretrainTask(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         grad_checkpointing: bool = False,
-        seed: int = 0,
+        mask_seed: int = 0,
         figure_every_n_steps: int = 200,
         compile: bool = False,
     ) -> None:
@@ -106,10 +107,10 @@ class MAEPretrainTask(L.LightningModule):
             self.hparams["mr_percentiles"] = list(datamodule.intensity.mr_percentiles)
 
     def mask_generator(self) -> torch.Generator:
-        """The masking generator on this module's device, seeded with ``seed + global_rank``."""
+        """The masking generator on this module's device, seeded with ``mask_seed + global_rank``."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.hparams.seed + self.global_rank)
+            self._generator.manual_seed(self.hparams.mask_seed + self.global_rank)
         return self._generator
 
     def forward(self, volume: torch.Tensor, mask: torch.Tensor | None = None) -> MAEOutput:

@@ -203,7 +203,7 @@ class MAERestoreTask(L.LightningModule):
         loss: ``l1`` or ``mse``.
         mae_loss_weight: weight of the same loss on the MAE's own prediction (keeps it useful alone).
         lr, min_lr_ratio, weight_decay, betas, warmup_steps: AdamW and warm-up + cosine schedule.
-        seed: seed of the corruption generator.
+        noise_seed: seed of the corruption generator (the data's ``seed`` splits and shuffles the scans).
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class MAERestoreTask(L.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 20,
-        seed: int = 0,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -280,7 +280,7 @@ class MAERestoreTask(L.LightningModule):
 
     def generator(self) -> torch.Generator:
         if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
+            self._generator = torch.Generator().manual_seed(self.hparams.noise_seed + self.global_rank)
         return self._generator
 
     def _distance(self, output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Settings a user changes on the command line train, with a logger on: Lightning merges the model's and the
+data's hyperparameters when it logs them, and refuses a key that both have with different values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmae.cli import main
+from medmae.tasks.pretrain import MAEPretrainTask
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_STEP = [
+    "--trainer.max_steps",
+    "1",
+    "--trainer.val_check_interval",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+
+pytestmark = pytest.mark.real_data
+
+
+def logged_hparams(root: Path) -> str:
+    (hparams,) = root.rglob("hparams.yaml")
+    return hparams.read_text()
+
+
+def test_another_data_seed_and_its_own_mask_and_noise_seeds_train(hippo_manifest: Path, tmp_path: Path) -> None:
+    pretrain_dir = tmp_path / "pretrain"
+    run = ["--trainer.default_root_dir", str(pretrain_dir), "--trainer.logger.init_args.save_dir", str(pretrain_dir)]
+    config = ["--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--data.manifest", str(hippo_manifest)]
+    assert main(["pretrain", *config, "--data.seed", "3", "--model.mask_seed", "4", *run, *ONE_STEP]) == 0
+    logged = logged_hparams(pretrain_dir)
+    assert "seed: 3" in logged and "mask_seed: 4" in logged
+
+    (checkpoint,) = pretrain_dir.rglob("last.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["mask_seed"] == 4
+    restore_dir = tmp_path / "restore"
+    run = ["--trainer.default_root_dir", str(restore_dir), "--trainer.logger.init_args.save_dir", str(restore_dir)]
+    config = ["--config", str(ROOT / "configs/restore/tiny.yaml"), "--data.manifest", str(hippo_manifest)]
+    seeds = ["--data.seed", "3", "--model.noise_seed", "5", "--model.pretrained", str(checkpoint)]
+    assert main(["finetune-restore", *config, *seeds, *run, *ONE_STEP]) == 0
+    logged = logged_hparams(restore_dir)
+    assert "seed: 3" in logged and "noise_seed: 5" in logged
+
+
+def test_the_masking_generator_follows_mask_seed() -> None:
+    masks = []
+    for seed in (0, 0, 1):
+        task = MAEPretrainTask(preset="tiny", patch_size=8, mask_seed=seed)
+        masks.append(torch.rand(8, generator=task.mask_generator()))
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])

@@ -160,6 +160,12 @@ def checkpoint_config(hparams: dict[str, Any], path: str | Path) -> MAEConfig:
         raise CheckpointError(f"{path}: invalid 'model_config' in its hyper-parameters ({error})") from None
 
 
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under the submodule ``prefix`` (e.g. ``"model"``), with ``prefix.`` removed."""
+    start = f"{prefix}."
+    return {key.removeprefix(start): value for key, value in state.items() if key.startswith(start)}
+
+
 def checkpoint_task(checkpoint: dict[str, Any]) -> str:
     """The task name stored in a Lightning checkpoint's hyper-parameters (``""`` when absent)."""
     return str(checkpoint.get("hyper_parameters", {}).get("task", ""))
@@ -177,7 +183,7 @@ def load_pretrained_mae(path: str | Path, tasks: Sequence[str] = ("mae-pretrain"
     """
     state, hparams = load_task_checkpoint(path, tasks)
     model = build_mae(checkpoint_config(hparams, path), norm_pix_loss=bool(hparams.get("norm_pix_loss")))
-    load_weights(model, {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, path, "MAE")
+    load_weights(model, sub_state(state, "model"), path, "MAE")
     return model.eval(), dict(hparams)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae
+from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae, sub_state
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
 from medmae.restore.net import AnyRefiner, DualRefiner, Refiner, RestorationNet, UNetRefiner
 from medmae.tasks.callbacks import checkpoint_callbacks
@@ -67,7 +67,7 @@ def make_refiner(hparams: dict) -> AnyRefiner | None:
 def refiner_state(path: str) -> dict[str, torch.Tensor]:
     """The ``refiner.*`` weights of the checkpoint ``path``, without their prefix."""
     state = load_checkpoint(path)["state_dict"]
-    return {k.removeprefix("refiner."): v for k, v in state.items() if k.startswith("refiner.")}
+    return sub_state(state, "refiner")
 
 
 def load_refiner_state(path: str, refiner: AnyRefiner, widen_unet: bool = False) -> None:
@@ -80,12 +80,8 @@ def load_refiner_state(path: str, refiner: AnyRefiner, widen_unet: bool = False)
         if not widen_unet:
             refiner.load_state_dict(state, strict=True)
         elif isinstance(refiner, DualRefiner):
-            parts = {
-                name: {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
-                for name in ("convs", "unet")
-            }
-            refiner.convs.load_state_dict(parts["convs"], strict=True)
-            refiner.unet.load_narrower(parts["unet"])
+            refiner.convs.load_state_dict(sub_state(state, "convs"), strict=True)
+            refiner.unet.load_narrower(sub_state(state, "unet"))
         elif isinstance(refiner, UNetRefiner):
             refiner.load_narrower(state)
         else:

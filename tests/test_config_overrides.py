@@ -32,7 +32,7 @@ def logged_lines(root: Path) -> set[str]:
     return set(hparams.read_text().splitlines())
 
 
-def test_another_data_seed_and_its_own_mask_and_noise_seeds_train(hippo_manifest: Path, tmp_path: Path) -> None:
+def test_seeds_and_unclipped_mr_intensities_set_on_the_command_line_train(hippo_manifest: Path, tmp_path: Path) -> None:
     pretrain_dir = tmp_path / "pretrain"
     run = ["--trainer.default_root_dir", str(pretrain_dir), "--trainer.logger.init_args.save_dir", str(pretrain_dir)]
     config = ["--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--data.manifest", str(hippo_manifest)]
@@ -47,6 +47,14 @@ def test_another_data_seed_and_its_own_mask_and_noise_seeds_train(hippo_manifest
     seeds = ["--data.seed", "3", "--model.noise_seed", "5", "--model.pretrained", str(checkpoint)]
     assert main(["finetune-restore", *config, *seeds, *run, *ONE_STEP]) == 0
     assert {"seed: 3", "noise_seed: 5"} <= logged_lines(restore_dir)
+
+    unclipped_dir = tmp_path / "unclipped"
+    run = ["--trainer.default_root_dir", str(unclipped_dir), "--trainer.logger.init_args.save_dir", str(unclipped_dir)]
+    denoiser = ["--model.mode", "denoise", "--model.mr_noise_scale", "robust", "--data.mr_percentiles", "[0, 100]"]
+    assert main(["finetune-restore", *config, "--model.pretrained", str(checkpoint), *denoiser, *run, *ONE_STEP]) == 0
+    (denoise_ckpt,) = unclipped_dir.rglob("last.ckpt")
+    hparams = torch.load(denoise_ckpt, weights_only=False)["hyper_parameters"]
+    assert hparams["mr_percentiles"] == [0.0, 100.0] and hparams["mr_noise_scale"] == "robust"  # repair reads them
 
 
 def test_the_masking_generator_follows_mask_seed() -> None:

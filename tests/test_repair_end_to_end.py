@@ -27,7 +27,7 @@ from medmae.inference.repair import (
 )
 from medmae.io import read_volume, write_volume
 from medmae.io.writers import cast_to_dtype
-from medmae.restore.corrupt import corrupt_slices
+from medmae.restore.corrupt import corrupt_slices, robust_range
 from medmae.restore.demo import run_repair_demo
 from medmae.restore.net import UNetRefiner, gaussian_smooth
 from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
@@ -338,6 +338,41 @@ def test_noise_level_known_in_training_is_the_level_added(pretrain_ckpt: Path) -
     noisy, sigma = task.add_noise(clean, torch.Generator().manual_seed(0))
     assert sigma.shape == (3,) and bool(((sigma >= 10 / 2000) & (sigma <= 60 / 2000)).all())  # 10-60 HU
     torch.testing.assert_close((noisy - clean).flatten(1).std(1), sigma, rtol=0.05, atol=0.0)
+
+
+def test_mr_noise_levels_are_fractions_of_the_span_or_the_robust_range(pretrain_ckpt: Path) -> None:
+    """``mr_noise_scale``: the std added to each crop is the level times the crop's max - min (``span``) or its
+    0.5-99.5th percentile range (``robust``, the evaluation's definition: ``robust_range``)."""
+    scan = read_volume(HIPPO / "hippocampus_394.nii.gz").array[0].astype(np.float32)
+    crops = np.stack([scan[:16, :16, :16], scan[-16:, -16:, -16:]])  # unclipped intensities, bright voxels kept
+    clean = torch.from_numpy(crops)[:, None]
+    expected = {
+        "span": [float(c.max() - c.min()) for c in crops],
+        "robust": [robust_range(c) for c in crops],
+    }
+    assert expected["span"][1] > 1.15 * expected["robust"][1]  # the two differ on unclipped real data
+    for scale, ranges in expected.items():
+        task = MAERestoreTask(
+            str(pretrain_ckpt), mode="denoise", refine_channels=4, mr_noise=(0.1, 0.1), mr_noise_scale=scale
+        )
+        noisy, sigma = task.add_noise(clean, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(sigma, 0.1 * torch.tensor(ranges), rtol=1e-5, atol=0.0)
+        for crop, noisy_crop, std in zip(clean, noisy, sigma):
+            bright = crop - crop.min() > 3 * std  # Rician noise is near Gaussian where the signal is well above it
+            assert abs(float((noisy_crop - crop)[bright].std()) / float(std) - 1) < 0.2
+    with pytest.raises(ValueError, match="mr_noise_scale must be one of"):
+        MAERestoreTask(str(pretrain_ckpt), mode="denoise", refine_channels=4, mr_noise_scale="max")
+
+
+def test_unclipped_mr_normalisation_passes_nothing_around_the_model() -> None:
+    """A checkpoint trained on ``mr_percentiles: [0, 100]`` maps every voxel through the model and back."""
+    scan = read_volume(HIPPO / "hippocampus_394.nii.gz").array[0]
+    for percentiles, clipped in (((0.5, 99.5), True), ((0.0, 100.0), False)):
+        imap = intensity_map(scan, "MR", {"mr_percentiles": list(percentiles)})
+        excess = imap.excess(scan)
+        assert bool(np.any(np.abs(excess) > 1e-6)) == clipped
+        if not clipped:
+            np.testing.assert_allclose(imap.inverse(imap.forward(scan)), scan, rtol=0, atol=1e-3)
 
 
 def test_nlm_denoiser_checkpoint_through_the_commands(

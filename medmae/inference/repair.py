@@ -59,7 +59,7 @@ def mr_intensity_map(values: np.ndarray, percentiles: Sequence[float]) -> Intens
     """The affine map :func:`~medmae.data.transforms.robust_zscore` applies to ``values`` (any shape), made explicit.
 
     It is read off robust_zscore's own output: two unclipped voxels give scale and offset, the clipped
-    extremes give the clip bounds.
+    extremes give the clip bounds (none for the 0th and 100th percentiles, so such a map clips nothing).
     """
     values = np.nan_to_num(np.asarray(values, dtype=np.float64).ravel())
     normalised = robust_zscore(torch.from_numpy(values)[None], *percentiles)[0].double().numpy()
@@ -71,7 +71,9 @@ def mr_intensity_map(values: np.ndarray, percentiles: Sequence[float]) -> Intens
     a, b = inside[np.argmin(values[inside])], inside[np.argmax(values[inside])]
     scale = (values[b] - values[a]) / (normalised[b] - normalised[a])
     offset = values[a] - normalised[a] * scale
-    return IntensityMap(low_n * scale + offset, high_n * scale + offset, offset, scale)
+    low = -np.inf if percentiles[0] <= 0 else low_n * scale + offset  # the 0th / 100th percentile clips nothing
+    high = np.inf if percentiles[1] >= 100 else high_n * scale + offset
+    return IntensityMap(low, high, offset, scale)
 
 
 def guess_modality(array: np.ndarray) -> str:

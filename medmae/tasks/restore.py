@@ -24,6 +24,7 @@ TASK_NAME = "mae-restore"
 MAE_TASKS = ("mae-pretrain", TASK_NAME)
 MODES = ("inpaint", "denoise", "both")
 REFINER_ARCHS = ("convs", "unet", "convs+unet")
+MR_NOISE_SCALES = ("span", "robust")
 # the hparams that shape the refinement, with their values in older checkpoints
 REFINER_KEYS = {
     "refine_channels": 0,
@@ -133,6 +134,16 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefin
         refiner.reset_output()
 
 
+def noise_reference(flat: torch.Tensor, scale: str) -> torch.Tensor:
+    """The intensity range each of ``(B, N)`` flattened crops' MR noise level is a fraction of, ``(B,)``:
+    ``span`` max - min, ``robust`` the 0.5-99.5th percentile range (:func:`~medmae.restore.corrupt.robust_range`,
+    the evaluation's definition)."""
+    if scale == "span":
+        return flat.max(1).values - flat.min(1).values
+    low, high = torch.quantile(flat.float(), torch.tensor([0.005, 0.995], device=flat.device), dim=1)
+    return (high - low).to(flat.dtype)
+
+
 def corruption_mask(
     shape: tuple[int, ...], widths: tuple[int, int], axes: list[int], region_prob: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -194,7 +205,11 @@ class MAERestoreTask(L.LightningModule):
         gap_widths: range of slice-gap widths (inclusive).
         gap_axes: axes along which slice gaps are cut (0, 1, 2).
         region_prob: probability of masking a random box instead of a slice gap.
-        mr_noise: range of Rician sigma as a fraction of the crop's intensity range.
+        mr_noise: range of Rician sigma as a fraction of the crop's intensity range (``mr_noise_scale``).
+        mr_noise_scale: what ``mr_noise`` is a fraction of: ``span`` (the crop's max - min) or ``robust`` (its
+            0.5-99.5th percentile range, as ``medmae evaluate-restore --mr-noise`` defines its levels). The two
+            agree on data clipped to those percentiles; on unclipped data (``mr_percentiles: [0, 100]``) a few
+            bright voxels can double the span, so ``robust`` keeps the levels meaning the same.
         ct_noise_hu: range of Gaussian sigma in HU.
         loss: ``l1`` or ``mse``.
         mae_loss_weight: weight of the same loss on the MAE's own prediction (keeps it useful alone).
@@ -221,6 +236,7 @@ class MAERestoreTask(L.LightningModule):
         gap_axes: list[int] = [0, 1, 2],  # noqa: B006 - LightningCLI needs a literal default
         region_prob: float = 0.25,
         mr_noise: tuple[float, float] = (0.02, 0.1),
+        mr_noise_scale: str = "span",
         ct_noise_hu: tuple[float, float] = (10.0, 60.0),
         loss: str = "l1",
         mae_loss_weight: float = 0.5,
@@ -242,6 +258,8 @@ class MAERestoreTask(L.LightningModule):
             raise ValueError(
                 f"gap_widths must be 1 <= low <= high and gap_axes a list of 0/1/2, got {gap_widths}, {gap_axes}"
             )
+        if mr_noise_scale not in MR_NOISE_SCALES:
+            raise ValueError(f"mr_noise_scale must be one of {MR_NOISE_SCALES}, got {mr_noise_scale!r}")
         if known_noise and not nlm_input:
             raise ValueError("known_noise is the noise-level input of nlm_input: set nlm_input: true")
         self.save_hyperparameters()
@@ -311,8 +329,8 @@ class MAERestoreTask(L.LightningModule):
         low, high = hp.mr_noise
         flat = volume.flatten(1)
         floor = flat.min(1).values.reshape(shape)
-        span = (flat.max(1).values.reshape(shape) - floor).clamp_min(1e-3)
-        sigma = (low + (high - low) * torch.rand(shape, generator=generator)) * span.cpu()
+        reference = noise_reference(flat, hp.mr_noise_scale).reshape(shape).clamp_min(1e-3)
+        sigma = (low + (high - low) * torch.rand(shape, generator=generator)) * reference.cpu()
         cpu = add_rician_noise(volume.cpu().float(), sigma, floor.cpu(), generator)
         return cpu.to(volume.device, volume.dtype), sigma.flatten()
 

@@ -140,8 +140,11 @@ def noise_reference(flat: torch.Tensor, scale: str) -> torch.Tensor:
     the evaluation's definition)."""
     if scale == "span":
         return flat.max(1).values - flat.min(1).values
-    low, high = torch.quantile(flat.float(), torch.tensor([0.005, 0.995], device=flat.device), dim=1)
-    return (high - low).to(flat.dtype)
+    # torch.quantile has an input-size limit: one crop at a time, big crops strided (as robust_zscore does)
+    sample = flat[:, :: max(1, flat.shape[1] // 4_000_000)].float()
+    levels = torch.tensor([0.005, 0.995], device=flat.device)
+    ranges = [torch.quantile(row, levels).diff() for row in sample]
+    return torch.cat(ranges).to(flat.dtype)
 
 
 def corruption_mask(

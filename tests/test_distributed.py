@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,12 @@ def test_ranks_see_disjoint_scans(hippo_manifest: Path) -> None:
     assert set(seen[0]) | set(seen[1]) == {scan for scan, _ in dataset.volumes}
 
 
-def _ddp_worker(rank: int, port: int, volume: torch.Tensor, mask: torch.Tensor, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _ddp_worker(rank: int, store: str, volume: torch.Tensor, mask: torch.Tensor, out: str) -> None:
+    # a file store, not a TCP port: a port picked free can be taken by another test's run before gloo binds it,
+    # and a rank that meets the wrong peer waits forever; the timeout turns any hang into a failure
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(build_mae(mae_config("tiny", patch_size=8)))
     half = slice(rank * 2, rank * 2 + 2)
@@ -94,7 +98,7 @@ def test_ddp_gradient_equals_single_process_global_batch(tmp_path: Path) -> None
     volume = torch.randn(4, 1, 16, 16, 16)
     mask = MaskingConfig().sample(4, (2, 2, 2), torch.Generator().manual_seed(0))
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(free_port(), volume, mask, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), volume, mask, str(out)), nprocs=2, join=True)
     torch.manual_seed(0)
     single = build_mae(mae_config("tiny", patch_size=8))
     single(volume, mask).loss.backward()

@@ -21,7 +21,7 @@ from monai.data.utils import compute_shape_offset, zoom_affine
 
 from medmae.data.manifest import ScanRecord
 from medmae.data.privacy import follow_positions, hide_names
-from medmae.data.transforms import IntensityConfig, foreground
+from medmae.data.transforms import IntensityConfig, foreground, row_quantiles
 from medmae.io.readers import Budget, check_series_budget, read_volume
 from medmae.io.volume import Volume, VolumeError
 
@@ -242,9 +242,7 @@ def intensity_norms(array: np.ndarray, modality: str, intensity: IntensityConfig
         return [Normalisation(-np.inf, np.inf, low, high - low, 0.0, 1.0)] * array.shape[0]
     flat = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(array.shape[0], -1))
     lower, upper = intensity.mr_percentiles
-    stride = max(1, flat.shape[1] // 4_000_000)
-    quantiles = torch.tensor([lower / 100.0, upper / 100.0], dtype=flat.dtype)
-    lows, highs = torch.quantile(flat[:, ::stride], quantiles, dim=1)
+    lows, highs = row_quantiles(flat, (lower / 100.0, upper / 100.0))
     clipped = torch.maximum(torch.minimum(flat, highs[:, None]), lows[:, None])
     means, stds = clipped.mean(dim=1), clipped.std(dim=1)
     return [

@@ -47,6 +47,17 @@ class IntensityConfig:
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
 
 
+def row_quantiles(rows: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
+    """Quantiles ``levels`` (fractions) of each row of ``(R, N)``, float32 ``(len(levels), R)``.
+
+    ``torch.quantile`` refuses inputs of more than 2**24 elements: rows go one at a time, and rows longer
+    than 4 M are strided (exact enough for intensity percentiles).
+    """
+    sample = rows[:, :: max(1, rows.shape[1] // 4_000_000)].float()
+    fractions = torch.tensor(list(levels), dtype=sample.dtype, device=sample.device)
+    return torch.stack([torch.quantile(row, fractions) for row in sample], dim=1)
+
+
 def robust_zscore(image: torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> torch.Tensor:
     """Clip each channel to its ``[lower, upper]`` percentiles, then z-score it.
 
@@ -57,10 +68,7 @@ def robust_zscore(image: torch.Tensor, lower: float = 0.5, upper: float = 99.5) 
         float32 tensor of the same shape; a constant channel becomes all zeros.
     """
     flat = image.reshape(image.shape[0], -1).float()
-    quantiles = torch.tensor([lower / 100.0, upper / 100.0], dtype=flat.dtype)
-    # torch.quantile has an input-size limit; a strided subsample keeps big volumes exact enough.
-    stride = max(1, flat.shape[1] // 4_000_000)
-    low, high = torch.quantile(flat[:, ::stride], quantiles, dim=1)
+    low, high = row_quantiles(flat, (lower / 100.0, upper / 100.0))
     clipped = torch.maximum(torch.minimum(flat, high[:, None]), low[:, None])
     mean = clipped.mean(dim=1, keepdim=True)
     std = clipped.std(dim=1, keepdim=True)

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from medmae.data.transforms import row_quantiles
 from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae, sub_state
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
 from medmae.restore.net import AnyRefiner, DualRefiner, Refiner, RestorationNet, UNetRefiner
@@ -140,11 +141,8 @@ def noise_reference(flat: torch.Tensor, scale: str) -> torch.Tensor:
     the evaluation's definition)."""
     if scale == "span":
         return flat.max(1).values - flat.min(1).values
-    # torch.quantile has an input-size limit: one crop at a time, big crops strided (as robust_zscore does)
-    sample = flat[:, :: max(1, flat.shape[1] // 4_000_000)].float()
-    levels = torch.tensor([0.005, 0.995], device=flat.device)
-    ranges = [torch.quantile(row, levels).diff() for row in sample]
-    return torch.cat(ranges).to(flat.dtype)
+    low, high = row_quantiles(flat, (0.005, 0.995))
+    return (high - low).to(flat.dtype)
 
 
 def corruption_mask(

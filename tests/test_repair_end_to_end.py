@@ -167,10 +167,11 @@ def test_bad_inputs_give_one_line_errors(pretrain_ckpt: Path, tmp_path: Path, ca
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_denoise_keeps_grid_and_dtype(pretrain_ckpt: Path, tmp_path: Path) -> None:
+def test_denoise_keeps_grid_and_dtype(pretrain_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["denoise", str(CT), "-o", str(tmp_path / "d.nrrd"), "--ckpt", str(pretrain_ckpt), "--device", "cpu"]) == 0
     )
+    assert "was not fine-tuned for denoising" in capsys.readouterr().err  # a pretraining checkpoint: says so
     denoised, volume = read_volume(tmp_path / "d.nrrd"), read_volume(CT)
     assert denoised.dtype == np.int16 and denoised.same_grid(volume, atol=1e-4)
 

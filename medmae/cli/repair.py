@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -241,6 +242,12 @@ def run_denoise(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.ckpt}: this checkpoint does not take a noise level (it was trained without nlm_input); "
             "drop --noise-sigma, or use a checkpoint trained with nlm_input: true"
+        )
+    if hparams.get("mode") != "denoise":
+        print(
+            f"note: {args.ckpt} was not fine-tuned for denoising, so this is a smooth blind-spot estimate; for real "
+            "denoising use a `medmae finetune-restore --model.mode denoise` checkpoint",
+            file=sys.stderr,
         )
     settings = replace(_settings(args), noise_sigma=args.noise_sigma)
     path = write_volume(denoise_volume(net, hparams, volume, args.modality, settings), args.output)

@@ -20,6 +20,7 @@ from monai.transforms import Compose
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from medmae.data.channels import first_scan_channels, keep_channel_count, other_channels_reason
 from medmae.data.manifest import ScanRecord, read_manifest
 from medmae.data.preprocess import load_record
 from medmae.data.transforms import (
@@ -176,6 +177,9 @@ class PretrainDataModule(L.LightningDataModule):
         volumes, self.skipped = preprocess_records(
             records, hp.spacing, self.intensity, hp.preprocess_workers, base=Path(hp.manifest).parent
         )
+        found = first_scan_channels(hp.manifest)
+        volumes, other_channels = keep_channel_count(volumes, found[0] if found else None)
+        self.skipped += other_channels
         if self.skipped:
             log.warning("%d of %d scans skipped; see the warnings above", len(self.skipped), len(records))
         by_id = dict(volumes)
@@ -193,6 +197,7 @@ class PretrainDataModule(L.LightningDataModule):
         """Train/validation crops read from a ``medmae preprocess`` cache, split by scan like the manifest."""
         from medmae.data.cache import CachedCropDataset, list_cached_ids
         from medmae.data.cache_dataset import CropAugmentation
+        from medmae.data.cache_store import read_meta
 
         hp = self.hparams
         self._use_cache_params()
@@ -201,6 +206,14 @@ class PretrainDataModule(L.LightningDataModule):
         self.skipped = [(r.id, "not in the cache; run `medmae preprocess`") for r in records if r.id not in cached]
         if self.skipped:
             log.warning("%d of %d scans are not in %s and are skipped", len(self.skipped), len(records), hp.cache_dir)
+        found = first_scan_channels(hp.manifest, hp.cache_dir)
+        for record in records if found else []:
+            meta = read_meta(Path(hp.cache_dir), record.id) if record.id in cached else None
+            if meta is not None and meta["shape"][0] != found[0]:
+                reason = other_channels_reason(meta["shape"][0], found[0])
+                log.warning("skipping scan %s: %s", record.id, reason)
+                self.skipped.append((record.id, reason))
+                cached.discard(record.id)
         train_records, val_records = split_records(records, hp.val_fraction, hp.seed)
         train = [r.id for r in train_records if r.id in cached]
         val = [r.id for r in val_records if r.id in cached]

@@ -24,6 +24,7 @@ from monai.data import DataLoader
 from monai.transforms import Compose, RandAffined, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import Dataset
 
+from medmae.data.channels import first_scan_channels, keep_channel_count
 from medmae.data.datamodule import split_records
 from medmae.data.manifest import ScanRecord, read_manifest
 from medmae.data.transforms import IntensityConfig, augmentation_transforms, preprocessing_transforms
@@ -314,6 +315,7 @@ class SegDataModule(L.LightningDataModule):
         self.intensity = IntensityConfig(tuple(ct_window), tuple(mr_percentiles))
         self.splits: SegSplits | None = None
         self.skipped: list[tuple[str, str]] = []  # (scan id, reason) of the scans that could not be loaded
+        self._channels: int | None = None  # channels of the manifest's first readable scan (0: unknown)
         self.modality = "MR"
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -343,7 +345,11 @@ class SegDataModule(L.LightningDataModule):
     def _load(self, records: Sequence[ScanRecord]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         hp = self.hparams
         volumes, skipped = load_labelled(records, hp.spacing, self.intensity, self.num_classes, hp.preprocess_workers)
-        self.skipped += skipped
+        if self._channels is None:
+            found = first_scan_channels(hp.manifest)
+            self._channels = found[0] if found else 0
+        volumes, other_channels = keep_channel_count(volumes, self._channels or None)
+        self.skipped += skipped + other_channels
         return volumes
 
     def _load_splits(self, splits: SegSplits) -> tuple[list, list]:

@@ -69,7 +69,8 @@ def predict_probabilities(model: SegmentTask, image: MetaTensor, progress: bool 
     if image.shape[0] != model.config.in_channels and model.hparams.arch == "vit":
         raise VolumeError(
             f"{image.meta.get('filename_or_obj')}: {image.shape[0]} channel(s), the model expects "
-            f"{model.config.in_channels}"
+            f"{model.config.in_channels}; give a multi-channel scan as one 4D file (NIfTI: channels along the "
+            "4th axis; NRRD/MHA: vector voxels) in the order of the training manifest's image list"
         )
     logits = model.predict_logits(image.as_tensor()[None].to(model.device), progress=progress)
     return MetaTensor(torch.softmax(logits[0].float(), 0).cpu(), affine=image.affine)

@@ -16,6 +16,8 @@ import torch
 import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from medmae.tasks.channels import check_model_channels, take_channels_from_manifest
+
 
 def default_precision() -> str:
     """bf16 mixed precision on GPUs that support it, full fp32 elsewhere."""
@@ -93,6 +95,10 @@ class _CLI(LightningCLI):
         except ArgumentError as error:
             raise ConfigError(config_error_message(str(error), parser, list(args or []))) from None
         loggers_follow_root_dir(self.config, list(args or []))
+
+    def before_instantiate_classes(self) -> None:
+        """Take the model's input channels from the manifest when it does not set them (refuse a mismatch)."""
+        take_channels_from_manifest(self.config, self.parser.prog)
 
 
 def _on_command_line(argv: Sequence[str], key: str) -> bool:
@@ -242,6 +248,8 @@ def fit_with_cli(
         raise ConfigError(f"{command}: {message}; see `medmae {command} --help`") from None
     except SystemExit as exit_:  # --help, --print_config
         return int(exit_.code or 0)
+    source = f"its checkpoint {cli.config.model.pretrained}" if cli.config.model.get("pretrained") else "the model"
+    check_model_channels(cli.model, cli.config.get("data"), source)
     trainer = cli.trainer
     if wandb:
         trainer.loggers = [*trainer.loggers, wandb_logger(wandb, trainer.default_root_dir)]

@@ -16,6 +16,7 @@ import torch
 
 from medmae.data.transforms import row_quantiles
 from medmae.models.checkpoint import CheckpointError, load_checkpoint, load_pretrained_mae, sub_state
+from medmae.models.mae import MaskedAutoencoder3D
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
 from medmae.restore.net import AnyRefiner, DualRefiner, Refiner, RestorationNet, UNetRefiner
 from medmae.tasks.callbacks import checkpoint_callbacks
@@ -265,6 +266,7 @@ class MAERestoreTask(L.LightningModule):
             raise ValueError("known_noise is the noise-level input of nlm_input: set nlm_input: true")
         self.save_hyperparameters()
         mae, pre_hparams = load_pretrained_mae(pretrained, tasks=MAE_TASKS)
+        require_single_channel(mae, pretrained)
         mae.train().norm_pix_loss = False  # restoration regresses normalised intensities directly
         refiner = make_refiner(self.hparams)
         if refiner is not None and pre_hparams.get("task") == TASK_NAME:
@@ -368,9 +370,21 @@ class MAERestoreTask(L.LightningModule):
         return checkpoint_callbacks(self._trainer, "val/loss")
 
 
+def require_single_channel(mae: MaskedAutoencoder3D, path: str) -> None:
+    """Restoration runs on one channel at a time: refuse the MAE of a multi-channel pretraining, naming ``path``."""
+    channels = mae.encoder.in_channels
+    if channels != 1:
+        raise CheckpointError(
+            f"{path}: the model was pretrained on {channels} channels; restoration (finetune-restore, inpaint, "
+            "denoise) needs a single-channel model. Pretrain one on a manifest that lists each sequence as its own "
+            "record; inpaint and denoise then repair every channel of a multi-channel scan in turn"
+        )
+
+
 def load_restoration_net(path: str) -> tuple[RestorationNet, dict]:
     """The :class:`RestorationNet` of a pretraining or restoration checkpoint (eval mode) and its hparams."""
     mae, hparams = load_pretrained_mae(path, tasks=MAE_TASKS)
+    require_single_channel(mae, path)
     refiner = make_refiner(hparams) if hparams.get("task") == TASK_NAME else None
     if refiner is not None:
         load_refiner_state(path, refiner)

@@ -1,0 +1,164 @@
+"""Multi-sequence scans: the input channels come from the manifest, and a mismatch is refused before training.
+
+The shared data has no co-registered multi-sequence MRI, so the second channel is derived voxel by voxel from the
+real T1 crop (its square root, as a stand-in for another contrast on the same grid).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medmae.cli import main
+from medmae.data.channels import first_scan_channels
+from tests.test_config_overrides import ONE_STEP
+
+ROOT = Path(__file__).resolve().parents[1]
+HIPPO = ROOT.parent / "shared" / "data" / "hippocampus"
+
+pytestmark = pytest.mark.real_data
+
+
+def second_sequence(image: Path, out: Path) -> Path:
+    scan = nib.load(image)
+    array = np.sqrt(np.clip(scan.get_fdata(), 0, None)).astype(np.float32)
+    nib.save(nib.Nifti1Image(array, scan.affine), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_channel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A manifest of 5 real hippocampus scans with 2 channels each (and labels), and one scan as a 4D file."""
+    folder = tmp_path_factory.mktemp("two_channel")
+    lines = []
+    for name in ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006", "hippocampus_014"):
+        image = HIPPO / "imagesTr" / f"{name}.nii.gz"
+        extra = second_sequence(image, folder / f"{name}_sqrt.nii.gz")
+        label = HIPPO / "labelsTr" / f"{name}.nii.gz"
+        lines.append(json.dumps({"id": name, "image": [str(image), str(extra)], "label": str(label), "modality": "MR"}))
+    manifest = folder / "two_channel.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    image = HIPPO / "imagesTr" / "hippocampus_008.nii.gz"
+    scan = nib.load(image)
+    t1 = scan.get_fdata().astype(np.float32)
+    stacked = np.stack([t1, np.sqrt(np.clip(t1, 0, None))], axis=-1)
+    four_d = folder / "hippocampus_008_2ch.nii.gz"
+    nib.save(nib.Nifti1Image(stacked, scan.affine), four_d)
+    return manifest, four_d
+
+
+def run_dir(root: Path) -> list[str]:
+    return ["--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
+
+
+def test_first_scan_channels_counts_every_file_and_4d_channels(two_channel: tuple[Path, Path], tmp_path: Path) -> None:
+    manifest, four_d = two_channel
+    assert first_scan_channels(str(manifest))[0] == 2
+    single = tmp_path / "one_4d_file.jsonl"
+    single.write_text(json.dumps({"id": "a", "image": str(four_d), "modality": "MR"}) + "\n")
+    assert first_scan_channels(str(single))[0] == 2
+    assert first_scan_channels(str(tmp_path / "missing.jsonl")) is None  # the data module reports it
+
+
+def test_two_channel_manifest_pretrains_fine_tunes_and_segments(
+    two_channel: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, four_d = two_channel
+    pretrain = ["pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--data.manifest", str(manifest)]
+    assert main([*pretrain, *run_dir(tmp_path / "pretrain"), *ONE_STEP]) == 0  # no --model.in_channels given
+    assert "2 input channels" in capsys.readouterr().out
+    (checkpoint,) = (tmp_path / "pretrain").rglob("last.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["model_config"]["in_channels"] == 2
+
+    finetune = ["finetune", "--config", str(ROOT / "configs/segment/tiny.yaml"), "--data.manifest", str(manifest)]
+    finetune += ["--data.num_labeled", "3", "--model.pretrained", str(checkpoint)]
+    assert main([*finetune, *run_dir(tmp_path / "segment"), *ONE_STEP]) == 0
+    (seg_checkpoint,) = (tmp_path / "segment").rglob("last.ckpt")
+    output = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(four_d), "-o", str(output), "--ckpt", str(seg_checkpoint), "--no-progress"]) == 0
+    assert nib.load(output).shape == nib.load(four_d).shape[:3]
+
+    one_channel = HIPPO / "imagesTr" / "hippocampus_008.nii.gz"
+    capsys.readouterr()
+    assert main(["segment", str(one_channel), "-o", str(tmp_path / "x.nii.gz"), "--ckpt", str(seg_checkpoint)]) != 0
+    error = capsys.readouterr().err
+    assert "1 channel(s), the model expects 2" in error and "4D file" in error
+
+
+def test_channel_mismatches_are_refused_before_training(
+    two_channel: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest, four_d = two_channel
+    pretrain = ["pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--data.manifest", str(manifest)]
+    assert main([*pretrain, "--model.in_channels", "1", *run_dir(tmp_path / "wrong"), *ONE_STEP]) != 0
+    error = capsys.readouterr().err
+    assert str(manifest) in error and "2 channel(s) per scan" in error and "--model.in_channels 2" in error
+    assert not list((tmp_path / "wrong").rglob("*.ckpt"))
+
+    assert main([*pretrain, *run_dir(tmp_path / "two"), *ONE_STEP]) == 0
+    (two_channel_ckpt,) = (tmp_path / "two").rglob("last.ckpt")
+    restore = ["finetune-restore", "--config", str(ROOT / "configs/restore/tiny.yaml")]
+    restore += ["--data.manifest", str(manifest), *run_dir(tmp_path / "restore"), *ONE_STEP]
+    capsys.readouterr()
+    assert main([*restore, "--model.pretrained", str(two_channel_ckpt)]) != 0
+    assert f"{two_channel_ckpt}: the model was pretrained on 2 channels" in capsys.readouterr().err
+    repaired = tmp_path / "repaired.nii.gz"
+    assert main(["inpaint", str(four_d), "-o", str(repaired), "--slices", "10", "--ckpt", str(two_channel_ckpt)]) != 0
+    assert "needs a single-channel model" in capsys.readouterr().err and not repaired.exists()
+
+    single = tmp_path / "first_channel_only.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    single.write_text("".join(json.dumps({**r, "image": r["image"][0]}) + "\n" for r in records))
+    single_pretrain = ["pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), "--data.manifest", str(single)]
+    assert main([*single_pretrain, *run_dir(tmp_path / "one"), *ONE_STEP]) == 0
+    (one_channel_ckpt,) = (tmp_path / "one").rglob("last.ckpt")
+    capsys.readouterr()
+    assert main([*restore, "--model.pretrained", str(one_channel_ckpt)]) != 0
+    error = capsys.readouterr().err
+    assert "2 channel(s) per scan" in error and f"its checkpoint {one_channel_ckpt} takes 1 channel(s)" in error
+
+
+def test_scans_with_another_channel_count_are_skipped_and_reported(
+    two_channel: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from medmae.data.datamodule import PretrainDataModule
+    from medmae.data.seg_datamodule import SegDataModule
+
+    manifest, _ = two_channel
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    mixed = tmp_path / "mixed.jsonl"  # the first three keep both channels, the last two only the first
+    mixed.write_text(
+        "".join(json.dumps({**r, "image": r["image"][:1]} if i >= 3 else r) + "\n" for i, r in enumerate(records))
+    )
+    one_channel = {r["id"] for r in records[3:]}
+
+    pretrain = PretrainDataModule(str(mixed), roi_size=[32, 32, 32], spacing=None, val_fraction=0.0)
+    pretrain.setup("fit")
+    assert {scan_id for scan_id, _ in pretrain.skipped} == one_channel
+    assert all("1 channel(s), but the manifest's scans have 2" in reason for _, reason in pretrain.skipped)
+    assert sorted(scan_id for scan_id, _ in pretrain.train_dataset.volumes) == sorted(r["id"] for r in records[:3])
+
+    cache = tmp_path / "cache"
+    assert main(["preprocess", str(mixed), "--cache", str(cache)]) == 0
+    cached = PretrainDataModule(str(mixed), roi_size=[32, 32, 32], spacing=None, val_fraction=0.0, cache_dir=str(cache))
+    cached.setup("fit")
+    assert {scan_id for scan_id, _ in cached.skipped} == one_channel
+    assert all(cached.train_dataset[i]["image"].shape[0] == 2 for i in range(len(cached.train_dataset)))
+
+    segment = SegDataModule(
+        str(mixed),
+        num_classes=3,
+        num_labeled=5,
+        roi_size=[32, 32, 32],
+        spacing=None,
+        test_fraction=0.0,
+        val_fraction=0.0,
+    )
+    segment.setup("fit")
+    assert {scan_id for scan_id, _ in segment.skipped} == one_channel
+    assert all(image.shape[0] == 2 for _, image, _ in segment.train_dataset.volumes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,3 +39,17 @@ def test_warmup_cosine_hand_values() -> None:
     assert factor(4) == pytest.approx(1.0)
     assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factor(14) == pytest.approx(0.1) and factor(100) == pytest.approx(0.1)
+
+
+def test_adamw_is_not_fused_only_when_scaled_fp16_gradients_are_clipped() -> None:
+    """Lightning unscales fp16 gradients before clipping them, which an optimizer that unscales inside its step
+    (fused) does not allow; bf16 and fp32 have no scaler and keep the fused kernel."""
+    model = build_mae(mae_config("tiny", patch_size=8))
+
+    def fused(clip: float, scaler: object | None) -> bool:
+        trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=SimpleNamespace(scaler=scaler))
+        groups = param_groups(model.named_parameters(), 0.05)
+        return bool(make_adamw(groups, 1e-3, (0.9, 0.95), trainer).defaults["fused"])
+
+    assert not fused(1.0, scaler=object())
+    assert fused(0.0, scaler=object()) and fused(1.0, scaler=None)

@@ -191,3 +191,34 @@ def test_a_step_limited_run_shows_its_epoch_without_minus_two(hippo_manifest: Pa
         bar = run.progress_bar_callback
         assert isinstance(bar, StepRunProgressBar)
         assert bar._get_train_description(0).strip() == expected
+
+
+class GradientNorms(L.Callback):
+    """The total gradient norm the optimizer steps with (after Lightning's clipping), and whether it is fused."""
+
+    def on_train_start(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        self.norms: list[float] = []
+        optimizer = trainer.optimizers[0]
+        self.fused = bool(optimizer.defaults["fused"])
+
+        def record(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            )
+
+        optimizer.register_step_post_hook(record)  # the closure inside step() computes the gradients
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+def test_mixed_precision_runs_clip_their_gradients(precision: str, hippo_manifest: Path, tmp_path: Path) -> None:
+    """bf16-mixed with gradient clipping (the GPU default of every config) used to stop at its first step:
+    Lightning refuses to clip for a fused optimizer. On a CPU no precision uses a gradient scaler, so the
+    AdamW stays fused (with a scaler it is not: ``tests/test_optim.py``)."""
+    clip = 1e-3
+    norms = GradientNorms()
+    run = trainer(tmp_path, 3, precision=precision, gradient_clip_val=clip, callbacks=[norms], limit_val_batches=0)
+    run.fit(tiny_task(), datamodule=data(hippo_manifest))
+    assert run.global_step == 3 and norms.fused
+    assert len(norms.norms) == 3 and all(norm <= clip * 1.001 for norm in norms.norms), norms.norms

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 
 def is_no_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -43,13 +46,46 @@ def param_groups(
     return list(groups.values())
 
 
-def make_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW with each group's ``lr = lr * lr_scale``; the fused kernel where the parameters' device has one."""
+def clips_scaled_gradients(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` clips gradients that a gradient scaler has scaled (``16-mixed``): Lightning must then
+    unscale them before clipping, which it cannot do for an optimizer that unscales inside its step (fused)."""
+    if trainer is None or not trainer.gradient_clip_val:
+        return False
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def make_adamw(
+    groups: list[dict], lr: float, betas: tuple[float, float], trainer: L.Trainer | None = None
+) -> torch.optim.AdamW:
+    """AdamW with each group's ``lr = lr * lr_scale``; the fused kernel where the parameters' device has one,
+    unless ``trainer`` clips scaled fp16 gradients (:func:`clips_scaled_gradients`)."""
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     device = groups[0]["params"][0].device if groups and groups[0]["params"] else torch.device("cpu")
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type in ("cuda", "cpu") and not clips_scaled_gradients(trainer)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def clip_gradients(
+    module: L.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    clip_val: float | None,
+    algorithm: GradClipAlgorithmType | str | None,
+) -> None:
+    """A task's gradient clipping (its ``configure_gradient_clipping``), also for a fused optimizer under bf16.
+
+    Lightning's mixed-precision plugin refuses to clip whenever the optimizer can unscale gradients itself (the
+    fused AdamW), which stopped every bf16-mixed run with ``gradient_clip_val`` (the GPU default) at its first
+    step. bf16 has no gradient scaler, so there is nothing to unscale and the gradients are clipped as in fp32
+    training. With a scaler (fp16) Lightning's own path unscales first; :func:`make_adamw` then is not fused.
+    """
+    plugin = module.trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        value = float(clip_val if clip_val is not None else module.trainer.gradient_clip_val or 0.0)
+        how = algorithm if algorithm is not None else module.trainer.gradient_clip_algorithm or "norm"
+        Precision.clip_gradients(plugin, optimizer, value, GradClipAlgorithmType(how))
+        return
+    module.clip_gradients(optimizer, clip_val, algorithm)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -72,3 +108,15 @@ def step_schedule(
     """Lightning's ``lr_scheduler`` entry: :func:`warmup_cosine` stepped every optimizer step."""
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps, min_ratio))
     return {"scheduler": schedule, "interval": "step"}
+
+
+class FusedClipping:
+    """Mixin for a task's LightningModule: gradient clipping by :func:`clip_gradients` (bf16 with a fused AdamW)."""
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[arg-type]

@@ -11,12 +11,12 @@ from medmae.models.mae import MAEOutput, MaskedAutoencoder3D
 from medmae.models.masking import MaskingConfig
 from medmae.models.presets import MAEConfig, build_mae, mae_config
 from medmae.tasks.callbacks import checkpoint_callbacks
-from medmae.tasks.optim import make_adamw, param_groups, step_schedule
+from medmae.tasks.optim import FusedClipping, make_adamw, param_groups, step_schedule
 
 TASK_NAME = "mae-pretrain"
 
 
-class MAEPretrainTask(L.LightningModule):
+class MAEPretrainTask(FusedClipping, L.LightningModule):
     """Masked-autoencoder pretraining of a 3D ViT.
 
     Args:
@@ -132,7 +132,9 @@ class MAEPretrainTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = make_adamw(param_groups(self.model.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas))
+        optimizer = make_adamw(
+            param_groups(self.model.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas), self._trainer
+        )
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}

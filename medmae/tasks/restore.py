@@ -20,7 +20,7 @@ from medmae.models.mae import MaskedAutoencoder3D
 from medmae.restore.corrupt import add_gaussian_noise, add_rician_noise
 from medmae.restore.net import AnyRefiner, DualRefiner, Refiner, RestorationNet, UNetRefiner
 from medmae.tasks.callbacks import checkpoint_callbacks
-from medmae.tasks.optim import make_adamw, param_groups, step_schedule
+from medmae.tasks.optim import FusedClipping, make_adamw, param_groups, step_schedule
 
 TASK_NAME = "mae-restore"
 MAE_TASKS = ("mae-pretrain", TASK_NAME)
@@ -174,7 +174,7 @@ def corruption_mask(
     return mask
 
 
-class MAERestoreTask(L.LightningModule):
+class MAERestoreTask(FusedClipping, L.LightningModule):
     """Restoration fine-tuning of a pretrained MAE (encoder + decoder + optional refinement).
 
     Args:
@@ -361,7 +361,9 @@ class MAERestoreTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = make_adamw(param_groups(self.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas))
+        optimizer = make_adamw(
+            param_groups(self.named_parameters(), hp.weight_decay), hp.lr, tuple(hp.betas), self._trainer
+        )
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -24,7 +24,7 @@ from medmae.models.seg_baselines import CNN_KINDS, build_cnn
 from medmae.models.unetr import UNETR3D
 from medmae.models.vit import ViT3DEncoder
 from medmae.tasks.callbacks import checkpoint_callbacks
-from medmae.tasks.optim import make_adamw, param_groups, step_schedule
+from medmae.tasks.optim import FusedClipping, make_adamw, param_groups, step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def transfer_encoder(model: UNETR3D, encoder: ViT3DEncoder) -> dict[str, list[st
     return {"missing": decoder, "unexpected": []}
 
 
-class SegmentTask(L.LightningModule):
+class SegmentTask(FusedClipping, L.LightningModule):
     """Supervised segmentation with DiceCE loss, sliding-window validation and best-by-Dice checkpoints.
 
     Args:
@@ -255,7 +255,7 @@ class SegmentTask(L.LightningModule):
                 for g in ({**g, "params": [p for p in g["params"] if id(p) not in encoder]} for g in groups)
                 if g["params"]
             ]
-        optimizer = make_adamw(groups, hp.lr, (0.9, 0.999))
+        optimizer = make_adamw(groups, hp.lr, (0.9, 0.999), self._trainer)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         schedule = step_schedule(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -11,10 +11,6 @@ giving the fraction of peak each step reaches.
     python scripts/bench/pretrain_step.py                      # small and base, table + JSON
     python scripts/bench/pretrain_step.py --presets small --steps 12 --json /tmp/bench.json
     python scripts/bench/pretrain_step.py --presets base --sizes 64 96 128 160 --json docs/bench_sizes.json
-    python scripts/bench/pretrain_step.py --autocast bf16 --json docs/bench_pretrain_step_bf16.json   # CPU AMX
-
-``--autocast bf16`` runs both models' forward passes under CPU bf16 autocast (what ``--trainer.precision
-bf16-mixed`` does; fp32 weights and optimizer) and measures the peak with a bf16 matmul.
 """
 
 from __future__ import annotations
@@ -36,9 +32,9 @@ BATCH = 2
 RATIO = 0.75
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Best GFLOP/s of a square matmul in ``dtype``: the reference 'peak' of this machine."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GFLOP/s of a square matmul: the reference 'peak' of this machine."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -47,9 +43,8 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype =
     return 2 * size**3 / best / 1e9
 
 
-def build(kind: str, preset: str, size: int, autocast: str = "none"):
-    """The model and a step function ``step() -> loss`` doing forward, loss, backward and AdamW; ``autocast``
-    ``"bf16"`` runs the forward pass (and loss) under CPU bf16 autocast."""
+def build(kind: str, preset: str, size: int):
+    """The model and a step function ``step() -> loss`` doing forward, loss, backward and AdamW."""
     from medmae.models import build_mae, mae_config
     from medmae.models.mae import masked_mse
     from medmae.models.patching import patchify
@@ -90,11 +85,6 @@ def build(kind: str, preset: str, size: int, autocast: str = "none"):
             return masked_mse(pred, target, mask.bool())
 
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
-    plain_forward = forward
-
-    def forward() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
-            return plain_forward()
 
     def step() -> torch.Tensor:
         loss = forward()
@@ -133,10 +123,10 @@ def count_step_flops(forward) -> float:
     return float(counter.get_total_flops())
 
 
-def run_one(kind: str, preset: str, size: int, steps: int, warmup: int, autocast: str = "none") -> dict:
+def run_one(kind: str, preset: str, size: int, steps: int, warmup: int) -> dict:
     """Time one (model, preset, input size) in this process; returns the measurements."""
     torch.manual_seed(0)
-    model, forward, step = build(kind, preset, size, autocast)
+    model, forward, step = build(kind, preset, size)
     flops = count_step_flops(forward)
     for _ in range(warmup):
         step()
@@ -198,22 +188,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each model (median reported)")
-    parser.add_argument("--autocast", choices=("none", "bf16"), default="none", help="CPU autocast of the forward")
     parser.add_argument("--json", type=Path, default=Path("docs/bench_pretrain_step.json"))
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "PRESET", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.warmup, args.autocast)))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.steps, args.warmup)))
         return
     if args.baseline:
         print(json.dumps({"rss_mb": baseline_rss_mb()}))
         return
 
-    peak = matmul_peak_gflops(dtype=torch.bfloat16 if args.autocast == "bf16" else torch.float32)
+    peak = matmul_peak_gflops()
     base_rss = in_subprocess(["--baseline"])["rss_mb"]
     rows = []
-    options = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--autocast", args.autocast]
+    options = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     for preset in args.presets:
         for size in args.sizes:
             pair = interleaved_rounds(preset, size, args.rounds, options)
@@ -231,8 +220,7 @@ def main() -> None:
         f"{'% peak':>8}{'peak MB':>9}{'speedup':>9}"
     )
     print(
-        f"{'fp32' if args.autocast == 'none' else 'bf16 autocast'} CPU, batch {BATCH} x 1 channel, "
-        f"patch {PATCH}^3, {int(RATIO * 100)}% masked; "
+        f"fp32 CPU, batch {BATCH} x 1 channel, patch {PATCH}^3, {int(RATIO * 100)}% masked; "
         f"matmul peak {peak:.1f} GFLOP/s; {torch.get_num_threads()} threads; torch {torch.__version__}"
     )
     print(header)
@@ -261,7 +249,7 @@ def main() -> None:
             "sizes": args.sizes,
             "patch": PATCH,
             "mask_ratio": RATIO,
-            "dtype": "float32" if args.autocast == "none" else "float32 weights, bf16 autocast",
+            "dtype": "float32",
         },
         "rows": rows,
     }

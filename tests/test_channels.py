@@ -162,3 +162,11 @@ def test_scans_with_another_channel_count_are_skipped_and_reported(
     segment.setup("fit")
     assert {scan_id for scan_id, _ in segment.skipped} == one_channel
     assert all(image.shape[0] == 2 for _, image, _ in segment.train_dataset.volumes)
+
+
+def test_a_scanned_manifest_gives_its_channels_without_reading_the_scan(tmp_path: Path) -> None:
+    """``medmae manifest scan`` records hold the shape (C, X, Y, Z): a DICOM series is not read again for it."""
+    manifest = tmp_path / "scanned.jsonl"
+    record = {"id": "a", "image": str(tmp_path / "not_read.nii.gz"), "modality": "MR", "shape": [3, 8, 8, 8]}
+    manifest.write_text(json.dumps(record) + "\n")
+    assert first_scan_channels(str(manifest))[0] == 3

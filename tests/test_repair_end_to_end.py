@@ -92,7 +92,9 @@ def digest(path: Path) -> str:
     ],
     ids=["mr-float", "ct-int16", "mr-nrrd"],
 )
-def test_inpaint_changes_only_masked_voxels(pretrain_ckpt: Path, scan: Path, suffix: str, tmp_path: Path) -> None:
+def test_inpaint_changes_only_masked_voxels(
+    pretrain_ckpt: Path, scan: Path, suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = digest(scan)
     volume = read_volume(scan)
     output = tmp_path / f"repaired{suffix}"
@@ -102,6 +104,8 @@ def test_inpaint_changes_only_masked_voxels(pretrain_ckpt: Path, scan: Path, suf
         )
         == 0
     )
+    # the checkpoint trained on MR crops only: repairing a CT says so, repairing an MR does not
+    assert ("trained on MR scans only" in capsys.readouterr().err) == (scan == CT)
     repaired = read_volume(output)
     assert digest(scan) == before
     assert repaired.dtype == volume.dtype and repaired.same_grid(volume, atol=1e-6)

@@ -259,3 +259,12 @@ def test_detection_finds_planted_slices(path, kind):
     findings = detect_corrupted_slices(corrupted, 2)
     assert [f.index for f in findings] == [9, 17]
     assert all(f.kind == kind and f.reason for f in findings)
+
+
+def test_unseen_modality_note_names_what_the_checkpoint_trained_on() -> None:
+    from medmae.inference.repair import unseen_modality_note
+
+    note = unseen_modality_note({"modalities": ["MR"]}, "CT", "scan.nii.gz")
+    assert note is not None and "trained on MR scans only" in note and "scan.nii.gz is repaired as CT" in note
+    assert unseen_modality_note({"modalities": ["CT", "MR"]}, "CT", "scan.nii.gz") is None
+    assert unseen_modality_note({}, "CT", "scan.nii.gz") is None  # checkpoints from before the record

@@ -213,6 +213,17 @@ def _repair_mask(args: argparse.Namespace, volume):
     return slice_mask(volume.spatial_shape, axis, indices)
 
 
+def _modality(volume, args: argparse.Namespace, hparams: dict) -> str:
+    """The scan's modality (``--modality``, or guessed), with a note on stderr when the checkpoint never saw it."""
+    from medmae.inference.repair import resolve_modality, unseen_modality_note
+
+    modality = resolve_modality(volume, args.modality)
+    note = unseen_modality_note(hparams, modality, str(args.input))
+    if note:
+        print(note, file=sys.stderr)
+    return modality
+
+
 def run_inpaint(args: argparse.Namespace) -> int:
     from medmae.inference.repair import inpaint_volume
     from medmae.io import read_volume, write_volume
@@ -223,7 +234,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     require_signal(volume)
     mask = _repair_mask(args, volume)
     net, hparams = load_restoration_net(args.ckpt)
-    repaired = inpaint_volume(net, hparams, volume, mask, args.modality, _settings(args))
+    modality = _modality(volume, args, hparams)
+    repaired = inpaint_volume(net, hparams, volume, mask, modality, _settings(args))
     path = write_volume(repaired, args.output)
     print(f"repaired {int(mask.sum())} voxels; wrote {path}")
     return 0
@@ -250,7 +262,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     settings = replace(_settings(args), noise_sigma=args.noise_sigma)
-    path = write_volume(denoise_volume(net, hparams, volume, args.modality, settings), args.output)
+    path = write_volume(denoise_volume(net, hparams, volume, _modality(volume, args, hparams), settings), args.output)
     print(f"wrote {path}")
     return 0
 

@@ -21,8 +21,9 @@ def first_scan_channels(manifest: str, cache_dir: str | None = None, tries: int 
     """The channel count of the manifest's first readable scan (all its image files together) and its record.
 
     With ``cache_dir`` (a ``medmae preprocess`` cache), the first cached scan's stored shape, so the original
-    files need not be reachable. Otherwise up to ``tries`` records are read in manifest order. None when the
-    manifest cannot be read or no scan can: the data module reports those with its own message.
+    files need not be reachable. Otherwise a record's ``shape`` (written by ``medmae manifest scan``) or its
+    files, trying up to ``tries`` records in manifest order. None when the manifest cannot be read or none of
+    those scans can: the data module reports those with its own message.
     """
     try:
         records = read_manifest(manifest, check_files=False)
@@ -35,6 +36,9 @@ def first_scan_channels(manifest: str, cache_dir: str | None = None, tries: int 
                 return int(meta["shape"][0]), record
         return None
     for record in records[:tries]:
+        shape = record.info.get("shape")  # (C, X, Y, Z), written by `medmae manifest scan`: no need to read it
+        if isinstance(shape, list) and len(shape) == 4:
+            return int(shape[0]), record
         try:
             return sum(int(read_volume(path).array.shape[0]) for path in record.image), record
         except (ValueError, OSError):

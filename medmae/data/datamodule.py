@@ -164,6 +164,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.skipped: list[tuple[str, str]] = []
+        self.modalities: list[str] = []  # of the training scans, once set up
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -184,6 +185,7 @@ class PretrainDataModule(L.LightningDataModule):
             log.warning("%d of %d scans skipped; see the warnings above", len(self.skipped), len(records))
         by_id = dict(volumes)
         train = [(r.id, by_id[r.id]) for r in train_records if r.id in by_id]
+        self.modalities = sorted({r.modality for r in train_records if r.id in by_id})
         val = [(r.id, by_id[r.id]) for r in val_records if r.id in by_id]
         if not train:
             raise ValueError(f"{hp.manifest}: no training scan could be loaded ({len(self.skipped)} skipped)")
@@ -216,6 +218,7 @@ class PretrainDataModule(L.LightningDataModule):
                 cached.discard(record.id)
         train_records, val_records = split_records(records, hp.val_fraction, hp.seed)
         train = [r.id for r in train_records if r.id in cached]
+        self.modalities = sorted({r.modality for r in train_records if r.id in cached})
         val = [r.id for r in val_records if r.id in cached]
         if not train:
             raise ValueError(f"{hp.cache_dir}: no training scan of {hp.manifest} is cached; run `medmae preprocess`")

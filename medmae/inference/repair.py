@@ -239,6 +239,21 @@ def denoise_array(
     return cast_to_dtype(imap.inverse(prediction) + imap.excess(array), array.dtype)
 
 
+def unseen_modality_note(hparams: dict, modality: str, name: str) -> str | None:
+    """A note when the checkpoint never trained on ``modality`` scans (its recorded ``modalities``), else None.
+
+    A model trained on MR z-scores applied to CT (or the reverse) fills gaps with values thousands of HU off.
+    Checkpoints written before the ``modalities`` record give no note.
+    """
+    trained = hparams.get("modalities")
+    if not trained or modality in trained:
+        return None
+    return (
+        f"note: the checkpoint was trained on {', '.join(trained)} scans only and {name} is repaired as {modality} "
+        f"(--modality sets it); expect poor results unless the model is fine-tuned on {modality} scans"
+    )
+
+
 def resolve_modality(volume: Volume, modality: str) -> str:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")

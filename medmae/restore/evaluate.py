@@ -23,7 +23,7 @@ import numpy as np
 from medmae.errors import SCAN_ERRORS, one_line
 from medmae.evaluation.restore_baselines import gaussian_denoise, interpolate_slices, nlm_denoise
 from medmae.evaluation.restore_metrics import foreground_mask, psnr_in_mask, restore_scores
-from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array
+from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array, unseen_modality_note
 from medmae.restore.corrupt import corrupt_slices, gap_indices, noise_sigma, noisy_volume
 from medmae.restore.net import RestorationNet
 from medmae.restore.slices import parse_axis, slice_mask
@@ -298,6 +298,9 @@ def run_evaluation(args: object, settings: RepairSettings) -> str:
     output = Path(args.output)
     rows: list[ScoreRow] = []
     for scan in scans:
+        note = unseen_modality_note(hparams, scan.modality, scan.name)
+        if note:
+            print(note, flush=True)
         if "inpaint" in args.tasks:
             rows += inpainting_rows(net, hparams, scan, args.widths, args.gaps, settings, rng, output / "figures")
         if "denoise" in args.tasks:

@@ -105,6 +105,7 @@ class MAEPretrainTask(FusedClipping, L.LightningModule):
             self.hparams["spacing"] = datamodule.hparams.get("spacing")
             self.hparams["ct_window"] = list(datamodule.intensity.ct_window)
             self.hparams["mr_percentiles"] = list(datamodule.intensity.mr_percentiles)
+            self.hparams["modalities"] = list(getattr(datamodule, "modalities", []))
 
     def mask_generator(self) -> torch.Generator:
         """The masking generator on this module's device, seeded with ``mask_seed + global_rank``."""

@@ -293,6 +293,7 @@ class MAERestoreTask(FusedClipping, L.LightningModule):
                 spacing=datamodule.hparams.get("spacing"),
                 ct_window=list(datamodule.intensity.ct_window),
                 mr_percentiles=list(datamodule.intensity.mr_percentiles),
+                modalities=list(getattr(datamodule, "modalities", [])),
             )
 
     def generator(self) -> torch.Generator:

@@ -16,6 +16,8 @@ import torch
 
 from medmae.cli import main
 from medmae.data.channels import first_scan_channels
+from medmae.data.seg_datamodule import run_pipeline
+from medmae.inference.segment import inference_transforms, load_segmenter
 from tests.test_config_overrides import ONE_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +89,33 @@ def test_two_channel_manifest_pretrains_fine_tunes_and_segments(
     capsys.readouterr()
     assert main(["segment", str(one_channel), "-o", str(tmp_path / "x.nii.gz"), "--ckpt", str(seg_checkpoint)]) != 0
     error = capsys.readouterr().err
-    assert "1 channel(s), the model expects 2" in error and "4D file" in error
+    assert "1 channel(s), the model expects 2" in error and "channel files" in error and "4D file" in error
+
+    # the same scan as two channel files, on the command line and as an nnU-Net-style folder
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    scan = nib.load(four_d)
+    channels = [cases / f"hippocampus_008_000{c}.nii.gz" for c in range(2)]
+    for c, path in enumerate(channels):
+        nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[..., c], scan.affine), path)
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[..., 0], scan.affine), cases / "gap_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[..., 1], scan.affine), cases / "gap_0002.nii.gz")
+    model = load_segmenter(seg_checkpoint)
+    stacked = run_pipeline(inference_transforms(model.hparams), {"image": [str(p) for p in channels]}, "files")
+    from_4d = run_pipeline(inference_transforms(model.hparams), {"image": str(four_d)}, "4D")
+    torch.testing.assert_close(stacked["image"].as_tensor(), from_4d["image"].as_tensor(), rtol=0, atol=0)
+
+    from_files = tmp_path / "from_files.nii.gz"
+    assert main(["segment", *map(str, channels), "-o", str(from_files), "--ckpt", str(seg_checkpoint)]) == 0
+    np.testing.assert_array_equal(nib.load(from_files).get_fdata(), nib.load(output).get_fdata())
+    folder_out = tmp_path / "predictions"
+    assert main(["segment", str(cases), "-o", str(folder_out), "--ckpt", str(seg_checkpoint), "--no-progress"]) == 0
+    expected = nib.load(output).get_fdata()
+    np.testing.assert_array_equal(nib.load(folder_out / "hippocampus_008.nii.gz").get_fdata(), expected)
+    report = json.loads((folder_out / "segment_report.json").read_text())
+    assert report["segmented"] == ["hippocampus_008.nii.gz"]
+    (skipped,) = report["skipped"]
+    assert "gap.nii.gz: channel files 0000, 0002 found" in skipped["reason"]
 
 
 def test_channel_mismatches_are_refused_before_training(

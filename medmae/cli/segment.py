@@ -20,6 +20,10 @@ SEGMENT_EXAMPLES = """examples:
   medmae segment scan.nii.gz -o scan_seg.nii.gz --ckpt runs/segment/logs/version_0/checkpoints/best-400.ckpt
   medmae segment dicom_series_folder/ -o seg.nrrd --ckpt best.ckpt
   medmae segment imagesTs/ -o predictions/ --ckpt best.ckpt        # a folder of scans → a folder of label maps
+  medmae segment t1.nii.gz t2.nii.gz flair.nii.gz -o seg.nii.gz --ckpt best.ckpt   # channels, manifest order
+
+For a multi-channel model, a folder of nnU-Net-style files (CASE_0000.nii.gz, CASE_0001.nii.gz, ...) is
+segmented case by case into CASE.nii.gz; a channel may also be one 4D file.
 
 The label map is on the input's own grid (shape, orientation, spacing, origin) in an integer dtype.
 A scan of a folder that cannot be segmented (unreadable, NaN/Inf, constant...) is skipped and listed on
@@ -54,7 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=SEGMENT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    segment.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file, DICOM series folder, or folder of scans")
+    segment.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        help="NIfTI/NRRD/MHA file, DICOM series folder, or folder of scans; several files: the channels of one scan",
+    )
     segment.add_argument("-o", "--output", type=Path, required=True, help="output label map file (or folder)")
     segment.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by medmae finetune")
     segment.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,7 +107,9 @@ def run_segment(args: argparse.Namespace) -> int:
     if run.report is not None:
         print(f"{len(run.written)} segmented, {len(run.skipped)} skipped; wrote {run.report}")
     if run.skipped and not run.written:
-        raise VolumeError(f"{args.input}: none of its {len(run.skipped)} scans could be segmented (see {run.report})")
+        raise VolumeError(
+            f"{args.input[0]}: none of its {len(run.skipped)} scans could be segmented (see {run.report})"
+        )
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,8 @@ def predict_probabilities(model: SegmentTask, image: MetaTensor, progress: bool 
     if image.shape[0] != model.config.in_channels and model.hparams.arch == "vit":
         raise VolumeError(
             f"{image.meta.get('filename_or_obj')}: {image.shape[0]} channel(s), the model expects "
-            f"{model.config.in_channels}; give a multi-channel scan as one 4D file (NIfTI: channels along the "
-            "4th axis; NRRD/MHA: vector voxels) in the order of the training manifest's image list"
+            f"{model.config.in_channels}; give a multi-channel scan as its channel files in the order of the "
+            "training manifest's image list (`medmae segment t1.nii.gz t2.nii.gz -o seg.nii.gz`), or as one 4D file"
         )
     logits = model.predict_logits(image.as_tensor()[None].to(model.device), progress=progress)
     return MetaTensor(torch.softmax(logits[0].float(), 0).cpu(), affine=image.affine)
@@ -107,11 +108,21 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
-def segment_volume(model: SegmentTask, path: str | Path, progress: bool = False) -> Volume:
-    """Segment one scan (file or DICOM folder); returns the label map ``(1, I, J, K)`` on its grid."""
-    reference = read_volume(path)
+Source = Path | Sequence[Path]  # one scan: a file or DICOM folder, or its co-registered channel files in order
+
+
+def source_paths(source: Source) -> list[Path]:
+    return [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+
+
+def segment_volume(model: SegmentTask, source: Source, progress: bool = False) -> Volume:
+    """Segment one scan (a file, a DICOM folder, or its channel files); the label map ``(1, I, J, K)`` on the
+    grid of its (first) file."""
+    paths = source_paths(source)
+    reference = read_volume(paths[0])
     require_signal(reference)
-    image = run_pipeline(inference_transforms(model.hparams), {"image": str(path)}, str(path))["image"]
+    image_key = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
+    image = run_pipeline(inference_transforms(model.hparams), {"image": image_key}, str(paths[0]))["image"]
     labels = to_input_grid(predict_probabilities(model, image, progress), reference)
     return reference.with_array(labels[None].astype(label_dtype(model.hparams.num_classes)))
 
@@ -124,8 +135,36 @@ def input_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
 
 
-def segment_file(model: SegmentTask, source: Path, target: Path, progress: bool = False) -> Path:
-    """Segment one scan into the label map file ``target``; returns the file written."""
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<suffix>\.[^_]+)$")  # nnU-Net's CASE_0000.nii.gz
+
+
+def channel_cases(files: Sequence[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]] | None:
+    """Group nnU-Net-style channel files (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...) into cases.
+
+    Returns ``({output file name: channel files in order}, [(file, reason)] of incomplete cases)``, or None when
+    some file is not named that way. A case whose channel numbers are not 0, 1, ... without gaps is skipped.
+    """
+    matches = [CHANNEL_FILE.match(path.name) for path in files]
+    if not files or not all(matches):
+        return None
+    grouped: dict[str, dict[int, Path]] = {}
+    for path, match in zip(files, matches):
+        grouped.setdefault(match["case"] + match["suffix"], {})[int(match["channel"])] = path
+    cases, incomplete = {}, []
+    for name, channels in sorted(grouped.items()):
+        numbers = sorted(channels)
+        if numbers != list(range(len(numbers))):
+            found = ", ".join(f"{n:04d}" for n in numbers)
+            incomplete.append(
+                (channels[numbers[0]], f"{name}: channel files {found} found; they must be 0000, 0001, ...")
+            )
+        else:
+            cases[name] = [channels[n] for n in numbers]
+    return cases, incomplete
+
+
+def segment_file(model: SegmentTask, source: Source, target: Path, progress: bool = False) -> Path:
+    """Segment one scan (see :func:`segment_volume`) into the label map file ``target``; returns the file written."""
     labels = segment_volume(model, source, progress=progress)
     return write_volume(labels, target, dtype=labels.dtype)
 
@@ -140,19 +179,26 @@ class SegmentRun:
 
 
 def segment_folder(
-    model: SegmentTask, files: Sequence[Path], output: Path, checkpoint: str | Path, progress: bool = False
+    model: SegmentTask,
+    scans: Sequence[Path] | dict[str, list[Path]],
+    output: Path,
+    checkpoint: str | Path,
+    progress: bool = False,
+    skipped: Sequence[tuple[Path, str]] = (),
 ) -> SegmentRun:
-    """Segment ``files`` into the folder ``output`` under their own names; a scan that fails is skipped.
+    """Segment scans into the folder ``output``; a scan that fails is skipped (added to ``skipped``).
 
+    ``scans``: files, each written under its own name, or ``{output name: channel files}`` (multi-channel cases).
     Writes ``output/segment_report.json``: ``{"checkpoint", "segmented": [file names], "skipped": [{"scan",
     "reason"}]}``.
     """
-    written, skipped = [], []
-    for path in tqdm(files, desc="segmenting", unit="scan", disable=not progress):
+    jobs = list(scans.items()) if isinstance(scans, dict) else [(path.name, [path]) for path in scans]
+    written, skipped = [], list(skipped)
+    for name, paths in tqdm(jobs, desc="segmenting", unit="scan", disable=not progress):
         try:
-            written.append(segment_file(model, path, output / path.name))
+            written.append(segment_file(model, paths, output / name))
         except SCAN_ERRORS as error:
-            skipped.append((path, one_line(error)))
+            skipped.append((paths[0], one_line(error)))
     report = {
         "checkpoint": str(checkpoint),
         "segmented": [p.name for p in written],
@@ -163,13 +209,26 @@ def segment_folder(
     return SegmentRun(written, skipped, output / REPORT_NAME)
 
 
-def segment_paths(checkpoint: str | Path, source: Path, output: Path, progress: bool = True) -> SegmentRun:
-    """Segment ``source`` (a scan, a DICOM series folder, or a folder of scans) into ``output``.
+def segment_paths(checkpoint: str | Path, source: Source, output: Path, progress: bool = True) -> SegmentRun:
+    """Segment ``source`` (a scan, a DICOM series folder, a scan's channel files, or a folder of scans) into
+    ``output``.
 
     A single scan is written to the file ``output``; any failure raises. A folder of scans goes to the folder
-    ``output`` under the same file names, skipping the scans that fail: see :func:`segment_folder`.
+    ``output`` under the same file names, skipping the scans that fail: see :func:`segment_folder`. For a
+    multi-channel model, a folder of nnU-Net-style channel files (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``)
+    is segmented case by case into ``CASE.nii.gz``.
     """
     model = load_segmenter(checkpoint)
+    paths = source_paths(source)
+    if len(paths) > 1:  # the channel files of one scan
+        folders = [p for p in paths if p.is_dir()]
+        if folders:
+            raise VolumeError(
+                f"{folders[0]}: several inputs are the channel files of one scan; give files, not folders"
+            )
+        volume_format(output)
+        return SegmentRun([segment_file(model, paths, output, progress)])
+    source = paths[0]
     files = input_files(source) if source.is_dir() else []
     if not files:
         volume_format(output)  # a single scan needs an output file name with a volume suffix
@@ -178,4 +237,7 @@ def segment_paths(checkpoint: str | Path, source: Path, output: Path, progress: 
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
     if output.resolve() == source.resolve():
         raise VolumeError(f"{output}: the input folder itself; write the label maps to another folder")
+    cases = channel_cases(files) if model.config.in_channels > 1 else None
+    if cases is not None:
+        return segment_folder(model, cases[0], output, checkpoint, progress, skipped=cases[1])
     return segment_folder(model, files, output, checkpoint, progress)

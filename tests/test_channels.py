@@ -117,6 +117,18 @@ def test_two_channel_manifest_pretrains_fine_tunes_and_segments(
     (skipped,) = report["skipped"]
     assert "gap.nii.gz: channel files 0000, 0002 found" in skipped["reason"]
 
+    named = tmp_path / "named"  # files named as `medmae manifest scan --channels t1,sqrt` groups them
+    named.mkdir()
+    for channel, path in zip(("t1", "sqrt"), channels):
+        (named / f"hippocampus_008_{channel}.nii.gz").write_bytes(path.read_bytes())
+    (named / "lonely_t1.nii.gz").write_bytes(channels[0].read_bytes())
+    named_out = tmp_path / "named_predictions"
+    command = ["segment", str(named), "-o", str(named_out), "--ckpt", str(seg_checkpoint), "--channels", "t1,sqrt"]
+    assert main([*command, "--no-progress"]) == 0
+    np.testing.assert_array_equal(nib.load(named_out / "hippocampus_008.nii.gz").get_fdata(), expected)
+    (skipped,) = json.loads((named_out / "segment_report.json").read_text())["skipped"]
+    assert "lonely.nii.gz: no file for channel(s) sqrt" in skipped["reason"]
+
 
 def test_channel_mismatches_are_refused_before_training(
     two_channel: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]

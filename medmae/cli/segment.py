@@ -23,7 +23,8 @@ SEGMENT_EXAMPLES = """examples:
   medmae segment t1.nii.gz t2.nii.gz flair.nii.gz -o seg.nii.gz --ckpt best.ckpt   # channels, manifest order
 
 For a multi-channel model, a folder of nnU-Net-style files (CASE_0000.nii.gz, CASE_0001.nii.gz, ...) is
-segmented case by case into CASE.nii.gz; a channel may also be one 4D file.
+segmented case by case into CASE.nii.gz; with --channels t1,t2,flair, files <subject>_t1.nii.gz ... into
+<subject>.nii.gz (as `medmae manifest scan --channels` groups them). A channel may also be one 4D file.
 
 The label map is on the input's own grid (shape, orientation, spacing, origin) in an integer dtype.
 A scan of a folder that cannot be segmented (unreadable, NaN/Inf, constant...) is skipped and listed on
@@ -66,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     segment.add_argument("-o", "--output", type=Path, required=True, help="output label map file (or folder)")
     segment.add_argument("--ckpt", type=Path, required=True, help="a checkpoint written by medmae finetune")
+    segment.add_argument(
+        "--channels",
+        default="",
+        help="for a folder: channel names, files <subject>_<name>.<ext> (as `manifest scan --channels`), in order",
+    )
     segment.add_argument("--no-progress", action="store_true", help="no progress bar")
     segment.set_defaults(func=run_segment)
 
@@ -99,7 +105,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from medmae.inference.segment import segment_paths
     from medmae.io.volume import VolumeError
 
-    run = segment_paths(args.ckpt, args.input, args.output, progress=not args.no_progress)
+    channels = [c.strip() for c in args.channels.split(",") if c.strip()]
+    run = segment_paths(args.ckpt, args.input, args.output, progress=not args.no_progress, channels=channels)
     for path in run.written:
         print(f"wrote {path}")
     for _, reason in run.skipped:

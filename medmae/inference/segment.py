@@ -24,6 +24,7 @@ from monai.transforms import Compose, EnsureTyped, SpatialResample
 from tqdm import tqdm
 
 from medmae.data.cache_store import atomic_write
+from medmae.data.scan_volumes import split_channel, strip_suffix
 from medmae.data.seg_datamodule import run_pipeline
 from medmae.data.transforms import IntensityConfig, preprocessing_transforms
 from medmae.errors import SCAN_ERRORS, one_line
@@ -138,12 +139,35 @@ def input_files(folder: Path) -> list[Path]:
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<suffix>\.[^_]+)$")  # nnU-Net's CASE_0000.nii.gz
 
 
-def channel_cases(files: Sequence[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]] | None:
-    """Group nnU-Net-style channel files (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...) into cases.
+def channel_cases(
+    files: Sequence[Path], names: Sequence[str] = ()
+) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]] | None:
+    """Group the channel files of a folder into cases: ``({output file name: channel files in order}, [(file,
+    reason)] of the files left out)``.
 
-    Returns ``({output file name: channel files in order}, [(file, reason)] of incomplete cases)``, or None when
-    some file is not named that way. A case whose channel numbers are not 0, 1, ... without gaps is skipped.
+    With channel ``names`` (``("t1", "t2")``), files are named ``<subject>_<name>.<ext>`` as for ``medmae manifest
+    scan --channels``; a subject missing one is left out, and so is a file named otherwise. Without, files are
+    nnU-Net-style ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...: None when some file is not, and a case whose
+    channel numbers have gaps is left out.
     """
+    if names:
+        by_subject: dict[str, dict[str, Path]] = {}
+        left_out: list[tuple[Path, str]] = []
+        for path in files:
+            split = split_channel(path.name, tuple(names))
+            if split is None:
+                left_out.append((path, f"{path.name}: not named <subject>_<channel> for channels {', '.join(names)}"))
+                continue
+            subject, channel = split
+            by_subject.setdefault(subject + path.name[len(strip_suffix(path.name)) :], {})[channel] = path
+        cases = {}
+        for name, found in sorted(by_subject.items()):
+            missing = [c for c in names if c not in found]
+            if missing:
+                left_out.append((next(iter(found.values())), f"{name}: no file for channel(s) {', '.join(missing)}"))
+            else:
+                cases[name] = [found[c] for c in names]
+        return cases, left_out
     matches = [CHANNEL_FILE.match(path.name) for path in files]
     if not files or not all(matches):
         return None
@@ -154,10 +178,9 @@ def channel_cases(files: Sequence[Path]) -> tuple[dict[str, list[Path]], list[tu
     for name, channels in sorted(grouped.items()):
         numbers = sorted(channels)
         if numbers != list(range(len(numbers))):
-            found = ", ".join(f"{n:04d}" for n in numbers)
-            incomplete.append(
-                (channels[numbers[0]], f"{name}: channel files {found} found; they must be 0000, 0001, ...")
-            )
+            found_text = ", ".join(f"{n:04d}" for n in numbers)
+            reason = f"{name}: channel files {found_text} found; they must be numbered 0000, 0001, ... without gaps"
+            incomplete.append((channels[numbers[0]], reason))
         else:
             cases[name] = [channels[n] for n in numbers]
     return cases, incomplete
@@ -209,14 +232,17 @@ def segment_folder(
     return SegmentRun(written, skipped, output / REPORT_NAME)
 
 
-def segment_paths(checkpoint: str | Path, source: Source, output: Path, progress: bool = True) -> SegmentRun:
+def segment_paths(
+    checkpoint: str | Path, source: Source, output: Path, progress: bool = True, channels: Sequence[str] = ()
+) -> SegmentRun:
     """Segment ``source`` (a scan, a DICOM series folder, a scan's channel files, or a folder of scans) into
     ``output``.
 
     A single scan is written to the file ``output``; any failure raises. A folder of scans goes to the folder
     ``output`` under the same file names, skipping the scans that fail: see :func:`segment_folder`. For a
     multi-channel model, a folder of nnU-Net-style channel files (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``)
-    is segmented case by case into ``CASE.nii.gz``.
+    is segmented case by case into ``CASE.nii.gz``; with ``channels`` names, files ``<subject>_<name>.<ext>``
+    into ``<subject>.<ext>`` (see :func:`channel_cases`).
     """
     model = load_segmenter(checkpoint)
     paths = source_paths(source)
@@ -237,7 +263,7 @@ def segment_paths(checkpoint: str | Path, source: Source, output: Path, progress
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
     if output.resolve() == source.resolve():
         raise VolumeError(f"{output}: the input folder itself; write the label maps to another folder")
-    cases = channel_cases(files) if model.config.in_channels > 1 else None
+    cases = channel_cases(files, channels) if channels or model.config.in_channels > 1 else None
     if cases is not None:
         return segment_folder(model, cases[0], output, checkpoint, progress, skipped=cases[1])
     return segment_folder(model, files, output, checkpoint, progress)

@@ -113,6 +113,7 @@ Source = Path | Sequence[Path]  # one scan: a file or DICOM folder, or its co-re
 
 
 def source_paths(source: Source) -> list[Path]:
+    """The files of one scan, as a list."""
     return [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
 
 
@@ -139,51 +140,52 @@ def input_files(folder: Path) -> list[Path]:
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<suffix>\.[^_]+)$")  # nnU-Net's CASE_0000.nii.gz
 
 
-def channel_cases(
-    files: Sequence[Path], names: Sequence[str] = ()
-) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]] | None:
-    """Group the channel files of a folder into cases: ``({output file name: channel files in order}, [(file,
-    reason)] of the files left out)``.
+Cases = tuple[dict[str, list[Path]], list[tuple[Path, str]]]  # {output file name: channel files}, [(file, why not)]
 
-    With channel ``names`` (``("t1", "t2")``), files are named ``<subject>_<name>.<ext>`` as for ``medmae manifest
-    scan --channels``; a subject missing one is left out, and so is a file named otherwise. Without, files are
-    nnU-Net-style ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...: None when some file is not, and a case whose
-    channel numbers have gaps is left out.
+
+def named_channel_cases(files: Sequence[Path], names: Sequence[str]) -> Cases:
+    """Group files named ``<subject>_<name>.<ext>`` (as ``medmae manifest scan --channels`` does) into cases with
+    the channels in the order of ``names``; a subject missing one, or a file named otherwise, is left out."""
+    by_subject: dict[str, dict[str, Path]] = {}
+    left_out: list[tuple[Path, str]] = []
+    for path in files:
+        split = split_channel(path.name, tuple(names))
+        if split is None:
+            left_out.append((path, f"{path.name}: not named <subject>_<channel> for channels {', '.join(names)}"))
+            continue
+        subject, channel = split
+        by_subject.setdefault(subject + path.name[len(strip_suffix(path.name)) :], {})[channel] = path
+    cases = {}
+    for name, found in sorted(by_subject.items()):
+        missing = [c for c in names if c not in found]
+        if missing:
+            left_out.append((next(iter(found.values())), f"{name}: no file for channel(s) {', '.join(missing)}"))
+        else:
+            cases[name] = [found[c] for c in names]
+    return cases, left_out
+
+
+def numbered_channel_cases(files: Sequence[Path]) -> Cases | None:
+    """Group nnU-Net-style files ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... into cases ``CASE.nii.gz``.
+
+    None when some file is not named that way; a case whose channel numbers have gaps is left out.
     """
-    if names:
-        by_subject: dict[str, dict[str, Path]] = {}
-        left_out: list[tuple[Path, str]] = []
-        for path in files:
-            split = split_channel(path.name, tuple(names))
-            if split is None:
-                left_out.append((path, f"{path.name}: not named <subject>_<channel> for channels {', '.join(names)}"))
-                continue
-            subject, channel = split
-            by_subject.setdefault(subject + path.name[len(strip_suffix(path.name)) :], {})[channel] = path
-        cases = {}
-        for name, found in sorted(by_subject.items()):
-            missing = [c for c in names if c not in found]
-            if missing:
-                left_out.append((next(iter(found.values())), f"{name}: no file for channel(s) {', '.join(missing)}"))
-            else:
-                cases[name] = [found[c] for c in names]
-        return cases, left_out
     matches = [CHANNEL_FILE.match(path.name) for path in files]
     if not files or not all(matches):
         return None
     grouped: dict[str, dict[int, Path]] = {}
     for path, match in zip(files, matches):
         grouped.setdefault(match["case"] + match["suffix"], {})[int(match["channel"])] = path
-    cases, incomplete = {}, []
+    cases, left_out = {}, []
     for name, channels in sorted(grouped.items()):
         numbers = sorted(channels)
         if numbers != list(range(len(numbers))):
-            found_text = ", ".join(f"{n:04d}" for n in numbers)
-            reason = f"{name}: channel files {found_text} found; they must be numbered 0000, 0001, ... without gaps"
-            incomplete.append((channels[numbers[0]], reason))
+            found = ", ".join(f"{n:04d}" for n in numbers)
+            reason = f"{name}: channel files {found} found; they must be numbered 0000, 0001, ... without gaps"
+            left_out.append((channels[numbers[0]], reason))
         else:
             cases[name] = [channels[n] for n in numbers]
-    return cases, incomplete
+    return cases, left_out
 
 
 def segment_file(model: SegmentTask, source: Source, target: Path, progress: bool = False) -> Path:
@@ -242,7 +244,7 @@ def segment_paths(
     ``output`` under the same file names, skipping the scans that fail: see :func:`segment_folder`. For a
     multi-channel model, a folder of nnU-Net-style channel files (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``)
     is segmented case by case into ``CASE.nii.gz``; with ``channels`` names, files ``<subject>_<name>.<ext>``
-    into ``<subject>.<ext>`` (see :func:`channel_cases`).
+    into ``<subject>.<ext>`` (:func:`named_channel_cases`).
     """
     model = load_segmenter(checkpoint)
     paths = source_paths(source)
@@ -263,7 +265,10 @@ def segment_paths(
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
     if output.resolve() == source.resolve():
         raise VolumeError(f"{output}: the input folder itself; write the label maps to another folder")
-    cases = channel_cases(files, channels) if channels or model.config.in_channels > 1 else None
+    if channels:
+        cases: Cases | None = named_channel_cases(files, channels)
+    else:
+        cases = numbered_channel_cases(files) if model.config.in_channels > 1 else None
     if cases is not None:
         return segment_folder(model, cases[0], output, checkpoint, progress, skipped=cases[1])
     return segment_folder(model, files, output, checkpoint, progress)

@@ -28,6 +28,7 @@ from medmae.tasks.segment_demo import TINY_MODEL, run_segmentation_demo
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "ct_mr_samples"
 MR_LPS = SAMPLES / "example_mr_sm.nii.gz"  # 117 x 91 x 20, 3 mm slices, LPS
+CT_HU = SAMPLES / "example_ct_sm.nii.gz"  # abdominal CT in Hounsfield units, down to -1100
 MR_LPS_SEG = SAMPLES / "example_seg_mr.nii.gz"
 
 pytestmark = pytest.mark.real_data
@@ -143,6 +144,10 @@ def test_segment_cli_writes_on_the_input_grid(fitted: dict, tmp_path: Path, caps
         np.testing.assert_allclose(labels.affine, source.affine, atol=1e-4)  # direction, spacing, origin
         assert labels.orientation == "LPS" and labels.dtype == np.uint8
         assert set(np.unique(labels.array)) <= {0, 1, 2}
+    assert "note:" not in capsys.readouterr().err  # an MR scan for an MR model
+    ct_output = tmp_path / "ct_seg.nii.gz"
+    assert main(["segment", str(CT_HU), "-o", str(ct_output), "--ckpt", str(fitted["ckpt"]), "--no-progress"]) == 0
+    assert "reaches -1100 (Hounsfield air?) but the model trained on MR" in capsys.readouterr().err
 
 
 def test_segment_folder_and_evaluate(fitted: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import UNETR
@@ -107,3 +108,13 @@ def test_bad_task_settings_raise() -> None:
         SegmentTask(3, arch="unet", pretrained="x.ckpt")
     with pytest.raises(ValueError, match="layer_decay"):
         SegmentTask(3, preset="tiny", layer_decay=0.0)
+
+
+def test_segmentation_modality_note_only_for_clear_mismatches() -> None:
+    from medmae.inference.segment import modality_note
+
+    ct, mr = np.array([-1000.0, 40.0]), np.array([0.0, 900.0])
+    assert "Hounsfield air" in modality_note("MR", ct, "a")
+    assert "without its rescale" in modality_note("CT", mr, "b")
+    assert modality_note("MR", mr, "c") is None and modality_note("CT", ct, "d") is None
+    assert modality_note("CT", np.array([-100.0, 200.0]), "a crop inside the body") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 FINETUNE_EXAMPLES = """examples:
@@ -107,6 +108,8 @@ def run_segment(args: argparse.Namespace) -> int:
 
     channels = [c.strip() for c in args.channels.split(",") if c.strip()]
     run = segment_paths(args.ckpt, args.input, args.output, progress=not args.no_progress, channels=channels)
+    for note in run.notes:
+        print(note, file=sys.stderr)
     for path in run.written:
         print(f"wrote {path}")
     for _, reason in run.skipped:

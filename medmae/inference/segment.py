@@ -117,12 +117,34 @@ def source_paths(source: Source) -> list[Path]:
     return [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
 
 
-def segment_volume(model: SegmentTask, source: Source, progress: bool = False) -> Volume:
+def modality_note(trained: str, array: np.ndarray, name: str) -> str | None:
+    """A note when a scan's intensities do not fit the modality its checkpoint trained on, else None.
+
+    Only the two clear cases: values down to Hounsfield air for an MR model, and no negative value for a CT
+    model (a CT stored without its rescale, 0-4095, would be windowed as if it were HU).
+    """
+    low = float(np.nanmin(array))
+    if trained == "MR" and low <= -500:
+        return f"note: {name} reaches {low:.0f} (Hounsfield air?) but the model trained on MR; a CT needs a CT model"
+    if trained == "CT" and low >= 0:
+        return (
+            f"note: {name} has no value below 0 but the model trained on CT in Hounsfield units (air at -1000); a CT "
+            "stored without its rescale slope/intercept must be converted to HU first, and an MR needs an MR model"
+        )
+    return None
+
+
+def segment_volume(
+    model: SegmentTask, source: Source, progress: bool = False, notes: list[str] | None = None
+) -> Volume:
     """Segment one scan (a file, a DICOM folder, or its channel files); the label map ``(1, I, J, K)`` on the
-    grid of its (first) file."""
+    grid of its (first) file. A :func:`modality_note` about the scan is appended to ``notes``."""
     paths = source_paths(source)
     reference = read_volume(paths[0])
     require_signal(reference)
+    note = modality_note(str(model.hparams.get("modality", "")), reference.array, str(paths[0]))
+    if note and notes is not None:
+        notes.append(note)
     image_key = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     image = run_pipeline(inference_transforms(model.hparams), {"image": image_key}, str(paths[0]))["image"]
     labels = to_input_grid(predict_probabilities(model, image, progress), reference)
@@ -188,9 +210,11 @@ def numbered_channel_cases(files: Sequence[Path]) -> Cases | None:
     return cases, left_out
 
 
-def segment_file(model: SegmentTask, source: Source, target: Path, progress: bool = False) -> Path:
+def segment_file(
+    model: SegmentTask, source: Source, target: Path, progress: bool = False, notes: list[str] | None = None
+) -> Path:
     """Segment one scan (see :func:`segment_volume`) into the label map file ``target``; returns the file written."""
-    labels = segment_volume(model, source, progress=progress)
+    labels = segment_volume(model, source, progress=progress, notes=notes)
     return write_volume(labels, target, dtype=labels.dtype)
 
 
@@ -201,6 +225,7 @@ class SegmentRun:
     written: list[Path]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     report: Path | None = None
+    notes: list[str] = field(default_factory=list)  # about scans that do not look like the training modality
 
 
 def segment_folder(
@@ -218,20 +243,21 @@ def segment_folder(
     "reason"}]}``.
     """
     jobs = list(scans.items()) if isinstance(scans, dict) else [(path.name, [path]) for path in scans]
-    written, skipped = [], list(skipped)
+    written, skipped, notes = [], list(skipped), []
     for name, paths in tqdm(jobs, desc="segmenting", unit="scan", disable=not progress):
         try:
-            written.append(segment_file(model, paths, output / name))
+            written.append(segment_file(model, paths, output / name, notes=notes))
         except SCAN_ERRORS as error:
             skipped.append((paths[0], one_line(error)))
     report = {
         "checkpoint": str(checkpoint),
         "segmented": [p.name for p in written],
         "skipped": [{"scan": str(p), "reason": reason} for p, reason in skipped],
+        "notes": notes,
     }
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(output / REPORT_NAME, lambda handle: handle.write(json.dumps(report, indent=1) + "\n"), "w")
-    return SegmentRun(written, skipped, output / REPORT_NAME)
+    return SegmentRun(written, skipped, output / REPORT_NAME, notes)
 
 
 def segment_paths(
@@ -255,12 +281,14 @@ def segment_paths(
                 f"{folders[0]}: several inputs are the channel files of one scan; give files, not folders"
             )
         volume_format(output)
-        return SegmentRun([segment_file(model, paths, output, progress)])
+        notes: list[str] = []
+        return SegmentRun([segment_file(model, paths, output, progress, notes)], notes=notes)
     source = paths[0]
     files = input_files(source) if source.is_dir() else []
     if not files:
         volume_format(output)  # a single scan needs an output file name with a volume suffix
-        return SegmentRun([segment_file(model, source, output, progress)])
+        notes = []
+        return SegmentRun([segment_file(model, source, output, progress, notes)], notes=notes)
     if output.exists() and not output.is_dir():
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
     if output.resolve() == source.resolve():

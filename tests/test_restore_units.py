@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from medmae.data.transforms import robust_zscore
@@ -268,3 +269,30 @@ def test_unseen_modality_note_names_what_the_checkpoint_trained_on() -> None:
     assert note is not None and "trained on MR scans only" in note and "scan.nii.gz is repaired as CT" in note
     assert unseen_modality_note({"modalities": ["CT", "MR"]}, "CT", "scan.nii.gz") is None
     assert unseen_modality_note({}, "CT", "scan.nii.gz") is None  # checkpoints from before the record
+
+
+def test_plain_mae_inpainting_is_anchored_on_the_intact_voxels_around_the_mask() -> None:
+    """A plain MAE whose prediction is right up to a constant bias inside the patches it hides (and wrong
+    everywhere else, as an MAE's output for visible patches may be) fills the gap exactly: the bias is read off
+    the intact voxels next to the gap, which are hidden too, and removed."""
+    from medmae.models import build_mae, mae_config
+    from medmae.restore.net import RestorationNet
+
+    net = RestorationNet(build_mae(mae_config("tiny", patch_size=8)).eval())
+    crop = read_volume(HIPPO / "hippocampus_001.nii.gz").array[:, :32, :32, :32]
+    truth = torch.from_numpy(crop.astype(np.float32))[None]
+    mask = torch.zeros_like(truth, dtype=torch.bool)
+    mask[..., 16:19] = True  # the gap starts on a patch boundary: slice 15 belongs to a patch the gap misses
+    hidden_seen = []
+
+    def biased(volume: torch.Tensor, patch_mask: torch.Tensor, stats_valid: torch.Tensor) -> torch.Tensor:
+        hidden_seen.append(patch_mask)
+        hidden = net.patch_mask(mask | (F.max_pool3d(mask.float(), 3, 1, 1) > 0))
+        voxels = hidden.reshape(1, 1, 4, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3).repeat_interleave(8, 4)
+        return torch.where(voxels, truth + 5.0, truth - 100.0)
+
+    net.predict_patches = biased
+    repaired, prediction = net.inpaint(truth.masked_fill(mask, 0.0), mask)
+    torch.testing.assert_close(repaired, truth, rtol=0, atol=1e-4)
+    torch.testing.assert_close(prediction[mask], truth[mask] + 5.0)
+    assert int(hidden_seen[0].sum()) == 32  # the 16 patches the gap touches and the 16 before slice 16

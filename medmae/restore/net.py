@@ -402,15 +402,38 @@ class RestorationNet(nn.Module):
             The repaired volume (unmasked voxels unchanged) and the MAE's own prediction, both ``(B, 1, D, H, W)``.
         """
         intact = volume.masked_fill(mask, 0.0)
-        prediction = self.predict_patches(intact, self.patch_mask(mask), ~mask)
         if self.refiner is None:
-            filled = prediction
-        elif self.guided:
+            return self.inpaint_plain(volume, mask, intact)
+        prediction = self.predict_patches(intact, self.patch_mask(mask), ~mask)
+        if self.guided:
             guide = self.guide(intact, mask) if guide is None else guide
             filled = guide + self.refiner(prediction, intact, mask, guide)
         else:
             filled = prediction + self.refiner(prediction, intact, mask)
         return torch.where(mask, filled, volume), prediction
+
+    def inpaint_plain(
+        self, volume: torch.Tensor, mask: torch.Tensor, intact: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inpainting with a plain MAE (no refinement): its prediction, anchored on the intact voxels.
+
+        The MAE's prediction ``P`` is off by a smooth bias where it has seen little; the residual ``volume - P``
+        on the intact voxels around the mask is interpolated across it (:func:`interpolate_masked`) and added,
+        so the fill meets the intact voxels at the mask's edge. As the interpolation is linear, the fill is the
+        linear interpolation of the scan plus the MAE's own deviation from a linear fill inside the mask. The
+        patches one voxel around the mask are hidden too, so the residual is read where the MAE predicted
+        (its output for a visible patch is not what it was trained on).
+
+        Args:
+            volume, mask: as :meth:`inpaint`; ``intact`` is ``volume`` with the masked voxels zeroed.
+
+        Returns:
+            The repaired volume and the MAE's own prediction, both ``(B, 1, D, H, W)``.
+        """
+        around = F.max_pool3d(mask.float(), 3, stride=1, padding=1) > 0
+        prediction = self.predict_patches(intact, self.patch_mask(around), ~mask)
+        residual = interpolate_masked((volume - prediction).masked_fill(mask, 0.0), mask)
+        return torch.where(mask, prediction + residual, volume), prediction
 
     def denoise(
         self,

@@ -193,21 +193,27 @@ def test_a_step_limited_run_shows_its_epoch_without_minus_two(hippo_manifest: Pa
         assert bar._get_train_description(0).strip() == expected
 
 
+def gradient_norm(optimizer: torch.optim.Optimizer) -> float:
+    grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
 class GradientNorms(L.Callback):
-    """The total gradient norm the optimizer steps with (after Lightning's clipping), and whether it is fused."""
+    """The total gradient norm before Lightning's clipping and the one the optimizer steps with, and whether
+    the optimizer is fused."""
 
     def on_train_start(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        self.before: list[float] = []
         self.norms: list[float] = []
         optimizer = trainer.optimizers[0]
         self.fused = bool(optimizer.defaults["fused"])
+        # the closure inside step() computes the gradients, so they are read after the step
+        optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.norms.append(gradient_norm(optimizer)))
 
-        def record(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-            grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            self.norms.append(
-                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            )
-
-        optimizer.register_step_post_hook(record)  # the closure inside step() computes the gradients
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, task: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.before.append(gradient_norm(optimizer))
 
 
 @pytest.mark.real_data
@@ -221,4 +227,5 @@ def test_mixed_precision_runs_clip_their_gradients(precision: str, hippo_manifes
     run = trainer(tmp_path, 3, precision=precision, gradient_clip_val=clip, callbacks=[norms], limit_val_batches=0)
     run.fit(tiny_task(), datamodule=data(hippo_manifest))
     assert run.global_step == 3 and norms.fused
+    assert min(norms.before) > 10 * clip  # so clipping had something to do
     assert len(norms.norms) == 3 and all(norm <= clip * 1.001 for norm in norms.norms), norms.norms

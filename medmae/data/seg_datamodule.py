@@ -315,7 +315,7 @@ class SegDataModule(L.LightningDataModule):
         self.intensity = IntensityConfig(tuple(ct_window), tuple(mr_percentiles))
         self.splits: SegSplits | None = None
         self.skipped: list[tuple[str, str]] = []  # (scan id, reason) of the scans that could not be loaded
-        self._channels: int | None = None  # channels of the manifest's first readable scan (0: unknown)
+        self._channels: int | None = None  # channels of the manifest's first readable scan (None: keep every scan)
         self.modality = "MR"
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -328,6 +328,8 @@ class SegDataModule(L.LightningDataModule):
         if not records:
             raise ValueError(f"{hp.manifest}: no record has a 'label'; segmentation fine-tuning needs labelled scans")
         self.splits = seg_splits(records, hp.test_fraction, hp.val_fraction, hp.num_labeled, hp.split_seed, hp.seed)
+        found = first_scan_channels(hp.manifest)
+        self._channels = found[0] if found else None
         train, val = self._load_splits(self.splits)
         self.modality = Counter(r.modality for r in self.splits.train).most_common(1)[0][0]
         log.info(
@@ -345,10 +347,7 @@ class SegDataModule(L.LightningDataModule):
     def _load(self, records: Sequence[ScanRecord]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         hp = self.hparams
         volumes, skipped = load_labelled(records, hp.spacing, self.intensity, self.num_classes, hp.preprocess_workers)
-        if self._channels is None:
-            found = first_scan_channels(hp.manifest)
-            self._channels = found[0] if found else 0
-        volumes, other_channels = keep_channel_count(volumes, self._channels or None)
+        volumes, other_channels = keep_channel_count(volumes, self._channels)
         self.skipped += skipped + other_channels
         return volumes
 

@@ -274,21 +274,15 @@ def segment_paths(
     """
     model = load_segmenter(checkpoint)
     paths = source_paths(source)
-    if len(paths) > 1:  # the channel files of one scan
-        folders = [p for p in paths if p.is_dir()]
-        if folders:
-            raise VolumeError(
-                f"{folders[0]}: several inputs are the channel files of one scan; give files, not folders"
-            )
-        volume_format(output)
+    folders = [p for p in paths if p.is_dir()]
+    if len(paths) > 1 and folders:
+        raise VolumeError(f"{folders[0]}: several inputs are the channel files of one scan; give files, not folders")
+    files = input_files(paths[0]) if folders else []
+    if not files:  # one scan: a file, a DICOM series folder, or the channel files of one scan
+        volume_format(output)  # a single scan needs an output file name with a volume suffix
         notes: list[str] = []
         return SegmentRun([segment_file(model, paths, output, progress, notes)], notes=notes)
     source = paths[0]
-    files = input_files(source) if source.is_dir() else []
-    if not files:
-        volume_format(output)  # a single scan needs an output file name with a volume suffix
-        notes = []
-        return SegmentRun([segment_file(model, source, output, progress, notes)], notes=notes)
     if output.exists() and not output.is_dir():
         raise VolumeError(f"{output}: {source} is a folder of {len(files)} scans, so -o must be a folder")
     if output.resolve() == source.resolve():

@@ -22,20 +22,21 @@ def describe(record: ScanRecord, channels: int) -> str:
     return f"{channels} channel(s) per scan (first scan {record.id!r}: {files})"
 
 
-def take_channels_from_manifest(config: Any, command: str) -> None:
+def take_channels_from_manifest(config: Any, command: str) -> tuple[int, ScanRecord] | None:
     """Set ``config.model.in_channels`` from ``config.data.manifest`` when it is None (the preset's single
-    channel otherwise); a model option that names another count raises a ValueError naming both.
+    channel otherwise); a model option that names another count raises a ValueError naming both. Returns what
+    :func:`first_scan_channels` found (None: no manifest, or nothing readable), for :func:`check_model_channels`.
 
     ``command`` (e.g. ``"medmae pretrain"``) starts the note printed for a multi-channel manifest. ``config`` is a
     parsed LightningCLI namespace; a model without an ``in_channels`` option (restoration,
     whose checkpoint fixes it) is left as it is and checked after it is built (:func:`check_model_channels`).
     """
     model, data = config.get("model"), config.get("data")
-    if model is None or data is None or "in_channels" not in model or not data.get("manifest"):
-        return
+    if model is None or data is None or not data.get("manifest"):
+        return None
     found = first_scan_channels(str(data.manifest), data.get("cache_dir"))
-    if found is None:
-        return
+    if found is None or "in_channels" not in model:
+        return found
     channels, record = found
     if model.in_channels is None:
         model.in_channels = channels
@@ -46,6 +47,7 @@ def take_channels_from_manifest(config: Any, command: str) -> None:
             f"{data.manifest}: {describe(record, channels)}, but --model.in_channels is {model.in_channels}; "
             f"set --model.in_channels {channels} or leave it out to take the manifest's"
         )
+    return found
 
 
 def model_in_channels(module: nn.Module) -> int | None:
@@ -56,15 +58,13 @@ def model_in_channels(module: nn.Module) -> int | None:
     return next((encoder.in_channels for encoder in module.modules() if isinstance(encoder, ViT3DEncoder)), None)
 
 
-def check_model_channels(module: nn.Module, data: Any, source: str) -> None:
+def check_model_channels(module: nn.Module, found: tuple[int, ScanRecord] | None, manifest: str, source: str) -> None:
     """Raise a ValueError when the built model takes another number of channels than the manifest's scans hold.
 
-    ``data`` is the parsed ``data`` section (its ``manifest`` and, if any, ``cache_dir``); ``source`` says where
-    the model's count came from (e.g. its pretrained checkpoint), for the message.
+    ``found`` is what :func:`take_channels_from_manifest` returned for ``manifest``; ``source`` says where the
+    model's count came from (e.g. its pretrained checkpoint), for the message.
     """
     expected = model_in_channels(module)
-    manifest = data.get("manifest") if data is not None else None
-    found = first_scan_channels(str(manifest), data.get("cache_dir")) if manifest else None
     if expected is None or found is None or found[0] == expected:
         return
     channels, record = found

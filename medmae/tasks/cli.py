@@ -98,7 +98,7 @@ class _CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Take the model's input channels from the manifest when it does not set them (refuse a mismatch)."""
-        take_channels_from_manifest(self.config, self.parser.prog)
+        self.manifest_channels = take_channels_from_manifest(self.config, self.parser.prog)
 
 
 def _on_command_line(argv: Sequence[str], key: str) -> bool:
@@ -249,7 +249,7 @@ def fit_with_cli(
     except SystemExit as exit_:  # --help, --print_config
         return int(exit_.code or 0)
     source = f"its checkpoint {cli.config.model.pretrained}" if cli.config.model.get("pretrained") else "the model"
-    check_model_channels(cli.model, cli.config.get("data"), source)
+    check_model_channels(cli.model, cli.manifest_channels, str(cli.config.data.get("manifest")), source)
     trainer = cli.trainer
     if wandb:
         trainer.loggers = [*trainer.loggers, wandb_logger(wandb, trainer.default_root_dir)]

@@ -271,14 +271,16 @@ def test_unseen_modality_note_names_what_the_checkpoint_trained_on() -> None:
     assert unseen_modality_note({}, "CT", "scan.nii.gz") is None  # checkpoints from before the record
 
 
-def test_plain_mae_inpainting_is_anchored_on_the_intact_voxels_around_the_mask() -> None:
+@pytest.mark.parametrize("gap_interp", ["linear", "flow"])
+def test_plain_mae_inpainting_is_anchored_on_the_intact_voxels_around_the_mask(gap_interp: str) -> None:
     """A plain MAE whose prediction is right up to a constant bias inside the patches it hides (and wrong
     everywhere else, as an MAE's output for visible patches may be) fills the gap exactly: the bias is read off
-    the intact voxels next to the gap, which are hidden too, and removed."""
+    the intact voxels next to the gap, which are hidden too, and removed (interpolated linearly or along the
+    scan's motion: either carries a constant across)."""
     from medmae.models import build_mae, mae_config
     from medmae.restore.net import RestorationNet
 
-    net = RestorationNet(build_mae(mae_config("tiny", patch_size=8)).eval())
+    net = RestorationNet(build_mae(mae_config("tiny", patch_size=8)).eval(), gap_interp=gap_interp)
     crop = read_volume(HIPPO / "hippocampus_001.nii.gz").array[:, :32, :32, :32]
     truth = torch.from_numpy(crop.astype(np.float32))[None]
     mask = torch.zeros_like(truth, dtype=torch.bool)

@@ -14,6 +14,7 @@ from scipy.interpolate import interp1d, make_interp_spline
 from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_nl_means
 
+from medmae.restore.net import fill_masked
 from medmae.restore.nonlocal_means import nonlocal_means
 
 
@@ -34,6 +35,14 @@ def interpolate_slices(array: np.ndarray, axis: int, missing: Sequence[int], kin
     index[axis] = list(missing)
     out[tuple(index)] = function(np.asarray(missing, dtype=np.float64))
     return out
+
+
+def flow_interpolation(corrupted: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Motion-compensated interpolation (:func:`~medmae.restore.net.fill_masked` ``flow``) of the masked slices of
+    ``(I, J, K)`` ``corrupted``, on its own intensities; float64."""
+    volume = torch.from_numpy(corrupted.astype(np.float32))[None, None]
+    filled = fill_masked(volume, torch.from_numpy(mask)[None, None], "flow")
+    return filled[0, 0].double().numpy()
 
 
 def best_of(

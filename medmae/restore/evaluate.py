@@ -1,7 +1,8 @@
 """``medmae evaluate-restore``: corrupt known slices / add noise to held-out real scans, repair, score.
 
 Inpainting: gaps of 1, 3 and 5 adjacent slices along the slice axis (the thickest axis; ``z`` when
-isotropic), scored inside the gap against linear and cubic interpolation along that axis. Denoising:
+isotropic), scored inside the gap against linear and cubic interpolation along that axis and motion-compensated
+interpolation (``flow``, :mod:`medmae.restore.flow`, what ``gap_interp: flow`` models refine). Denoising:
 Rician (MR) or Gaussian HU (CT) noise, scored over the foreground against Gaussian smoothing and
 non-local means (scikit-image's, and medmae's own that ``nlm_input`` denoisers use) with oracle-tuned
 parameters. See :mod:`medmae.evaluation.restore_metrics`.
@@ -21,7 +22,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from medmae.errors import SCAN_ERRORS, one_line
-from medmae.evaluation.restore_baselines import gaussian_denoise, interpolate_slices, nlm_denoise
+from medmae.evaluation.restore_baselines import (
+    flow_interpolation,
+    gaussian_denoise,
+    interpolate_slices,
+    nlm_denoise,
+)
 from medmae.evaluation.restore_metrics import foreground_mask, psnr_in_mask, restore_scores
 from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array, unseen_modality_note
 from medmae.restore.corrupt import corrupt_slices, gap_indices, noise_sigma, noisy_volume
@@ -119,6 +125,7 @@ def inpainting_rows(
                 "model": inpaint_array(net, hparams, corrupted, mask, scan.modality, settings),
                 "linear": interpolate_slices(corrupted, axis, gap, "linear"),
                 "cubic": interpolate_slices(corrupted, axis, gap, "cubic"),
+                "flow": flow_interpolation(corrupted, mask),
             }
             for method, result in results.items():
                 score = restore_scores(result, scan.array, mask)

@@ -25,8 +25,10 @@ from monai.networks.nets import BasicUNet
 
 from medmae.models.mae import MaskedAutoencoder3D
 from medmae.models.patching import patch_mask_to_voxels, patchify, unpatchify
+from medmae.restore.flow import flow_fill_gaps
 from medmae.restore.nonlocal_means import estimate_noise_sigma, nonlocal_means
 
+GAP_INTERPOLATIONS = ("linear", "flow")
 NOISE_MAP_SCALE = 10.0  # the noise-level input is 10x the estimated std (CT: 0.1 at 20 HU in a 2000 HU window)
 
 
@@ -253,6 +255,19 @@ def interpolate_masked(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return torch.where(mask, filled, volume)
 
 
+def fill_masked(
+    volume: torch.Tensor, mask: torch.Tensor, gap_interp: str = "linear", motion_from: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`interpolate_masked`, then with ``gap_interp`` ``flow`` each slice gap filled by motion-compensated
+    interpolation (:func:`~medmae.restore.flow.flow_fill_gaps`), the motion estimated on ``motion_from``'s
+    planes (``volume`` when None; filled linearly first). Shapes as :func:`interpolate_masked`."""
+    filled = interpolate_masked(volume, mask)
+    if gap_interp != "flow":
+        return filled
+    source = None if motion_from is None else interpolate_masked(motion_from, mask)
+    return flow_fill_gaps(filled, mask, source)
+
+
 def gaussian_smooth(volume: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Gaussian smoothing of ``(B, C, D, H, W)`` with ``sigma`` voxels (MONAI separable filter, mirrored edges)."""
     kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=3.0, approx="sampled").to(volume)
@@ -296,6 +311,9 @@ class RestorationNet(nn.Module):
         nlm_h: the non-local-means filter strength ``h`` as a multiple of the estimated noise std.
         nlm_guide: with ``nlm_input``, the denoising residual is learned over the non-local means instead of
             the ``smooth_sigma`` guide: an untrained refinement then returns non-local means.
+        gap_interp: the inpainting guide across slice gaps: ``linear`` interpolation, or ``flow``
+            (motion-compensated, :func:`~medmae.restore.flow.flow_fill_gaps`); other masked voxels are
+            always linearly interpolated (:func:`interpolate_masked`).
     """
 
     def __init__(
@@ -307,8 +325,11 @@ class RestorationNet(nn.Module):
         nlm_input: bool = False,
         nlm_h: float = 0.6,
         nlm_guide: bool = False,
+        gap_interp: str = "linear",
     ) -> None:
         super().__init__()
+        if gap_interp not in GAP_INTERPOLATIONS:
+            raise ValueError(f"gap_interp must be one of {GAP_INTERPOLATIONS}, got {gap_interp!r}")
         if guided and refiner is None:
             raise ValueError("a guided restoration network needs a refiner (refine_channels > 0)")
         if nlm_input and not guided:
@@ -326,6 +347,7 @@ class RestorationNet(nn.Module):
         self.nlm_input = nlm_input
         self.nlm_h = nlm_h
         self.nlm_guide = nlm_guide
+        self.gap_interp = gap_interp
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -363,15 +385,15 @@ class RestorationNet(nn.Module):
     def guide(self, volume: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The classical estimate a guided network refines, ``(B, 1, D, H, W)``; None when not guided.
 
-        ``mask`` given (inpainting): :func:`interpolate_masked`; None (denoising): :func:`gaussian_smooth`
-        (``smooth_sigma`` 0: the input itself).
+        ``mask`` given (inpainting): :func:`interpolate_masked`, with slice gaps motion-compensated when
+        ``gap_interp`` is ``flow``; None (denoising): :func:`gaussian_smooth` (``smooth_sigma`` 0: the input itself).
         Whole-volume repair computes it once on the whole array and passes windows of it.
         """
         if not self.guided:
             return None
         if mask is None:
             return gaussian_smooth(volume, self.smooth_sigma) if self.smooth_sigma > 0 else volume
-        return interpolate_masked(volume, mask)
+        return fill_masked(volume, mask, self.gap_interp)
 
     def denoise_context(self, volume: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
         """The extra denoising inputs of an ``nlm_input`` network, ``(B, 2, D, H, W)``; None otherwise.
@@ -418,9 +440,10 @@ class RestorationNet(nn.Module):
         """Inpainting with a plain MAE (no refinement): its prediction, anchored on the intact voxels.
 
         The MAE's prediction ``P`` is off by a smooth bias where it has seen little; the residual ``volume - P``
-        on the intact voxels around the mask is interpolated across it (:func:`interpolate_masked`) and added,
-        so the fill meets the intact voxels at the mask's edge. As the interpolation is linear, the fill is the
-        linear interpolation of the scan plus the MAE's own deviation from a linear fill inside the mask. The
+        on the intact voxels around the mask is interpolated across it (:func:`fill_masked`: with ``gap_interp``
+        ``flow``, slice gaps along the motion estimated on the scan) and added, so the fill meets the intact
+        voxels at the mask's edge. As the interpolation is linear in the residual, the fill is the scan's
+        interpolation plus the MAE's own deviation from interpolating its prediction inside the mask. The
         patches one voxel around the mask are hidden too, so the residual is read where the MAE predicted
         (its output for a visible patch is not what it was trained on).
 
@@ -432,7 +455,7 @@ class RestorationNet(nn.Module):
         """
         around = F.max_pool3d(mask.float(), 3, stride=1, padding=1) > 0
         prediction = self.predict_patches(intact, self.patch_mask(around), ~mask)
-        residual = interpolate_masked((volume - prediction).masked_fill(mask, 0.0), mask)
+        residual = fill_masked((volume - prediction).masked_fill(mask, 0.0), mask, self.gap_interp, intact)
         return torch.where(mask, prediction + residual, volume), prediction
 
     def denoise(

@@ -103,8 +103,8 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefin
     so training continues from what the narrower refinement computed. A ``convs+unet`` stage after a ``convs`` one
     loads (or widens) the stack into its ``convs`` part and starts the U-Net at zero. A stage that only asks for a
     wider U-Net (``unet_channels``) loads the rest and widens the U-Net (:meth:`UNetRefiner.load_narrower`). When
-    the residual's base changes (``nlm_guide``), the loaded refinement's last convolution restarts at zero, so the
-    stage starts at the new base.
+    the residual's base changes (``nlm_guide``, or ``gap_interp`` when inpainting), the loaded refinement's last
+    convolution restarts at zero, so the stage starts at the new base.
     Otherwise (e.g. another ``refine_arch``) the refinement starts untrained (its last convolution at zero).
     """
     old = {key: pre_hparams.get(key, default) for key, default in REFINER_KEYS.items()}
@@ -132,7 +132,10 @@ def start_refiner(path: str, pre_hparams: dict, hparams: dict, refiner: AnyRefin
         (refiner.convs if isinstance(refiner, DualRefiner) else refiner).load_narrower(refiner_state(path))
     else:
         return
-    if bool(pre_hparams.get("nlm_guide", False)) != bool(hparams.get("nlm_guide", False)):
+    new_gap_guide = pre_hparams.get("gap_interp", "linear") != hparams.get("gap_interp", "linear")
+    if bool(pre_hparams.get("nlm_guide", False)) != bool(hparams.get("nlm_guide", False)) or (
+        new_gap_guide and hparams.get("mode") != "denoise"
+    ):
         refiner.reset_output()
 
 
@@ -204,6 +207,11 @@ class MAERestoreTask(FusedClipping, L.LightningModule):
             refinement returns them) instead of over the ``smooth_sigma`` guide. Starting from a checkpoint
             whose residual had another base, the refinement keeps its weights but its last convolution restarts
             at zero.
+        gap_interp: the inpainting guide across slice gaps (with ``guided``): ``flow``, motion-compensated
+            interpolation between the slices bordering the gap (:func:`~medmae.restore.flow.flow_fill_gaps`), or
+            ``linear``. Boxes and other masks are linearly interpolated either way. Checkpoints from before this
+            option load as ``linear``. Continuing a checkpoint with another ``gap_interp`` restarts the
+            refinement's last convolution at zero, so the stage starts at the new guide.
         gap_widths: range of slice-gap widths (inclusive).
         gap_axes: axes along which slice gaps are cut (0, 1, 2).
         region_prob: probability of masking a random box instead of a slice gap.
@@ -233,6 +241,7 @@ class MAERestoreTask(FusedClipping, L.LightningModule):
         nlm_input: bool = False,
         nlm_h: float = 0.6,
         nlm_guide: bool = False,
+        gap_interp: str = "flow",
         known_noise: bool = False,
         gap_widths: tuple[int, int] = (1, 5),
         gap_axes: list[int] = [0, 1, 2],  # noqa: B006 - LightningCLI needs a literal default
@@ -273,7 +282,7 @@ class MAERestoreTask(FusedClipping, L.LightningModule):
             start_refiner(pretrained, pre_hparams, self.hparams, refiner)
         self.model = mae
         self.refiner = refiner
-        net = RestorationNet(mae, refiner, guided, smooth_sigma, nlm_input, nlm_h, nlm_guide)
+        net = RestorationNet(mae, refiner, guided, smooth_sigma, nlm_input, nlm_h, nlm_guide, gap_interp)
         object.__setattr__(self, "net", net)  # a view sharing the parameters above
         self.hparams["task"] = TASK_NAME
         self.hparams["model_config"] = pre_hparams["model_config"]
@@ -400,5 +409,6 @@ def load_restoration_net(path: str) -> tuple[RestorationNet, dict]:
         guided and bool(hparams.get("nlm_input", False)),
         float(hparams.get("nlm_h", 0.6)),
         guided and bool(hparams.get("nlm_guide", False)),
+        str(hparams.get("gap_interp", "linear" if refiner is not None else "flow")),  # trained refinements: linear
     )
     return net.eval(), hparams

@@ -36,31 +36,9 @@ def warp(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
 
 def _gradient(image: torch.Tensor) -> torch.Tensor:
     """Central differences of ``(N, 1, H, W)`` (one-sided at the border): ``(N, 2, H, W)``, rows then columns."""
-    rows = (
-        torch.cat(
-            (
-                image[:, :, 1:2] - image[:, :, 0:1],
-                (image[:, :, 2:] - image[:, :, :-2]) / 2,
-                image[:, :, -1:] - image[:, :, -2:-1],
-            ),
-            dim=2,
-        )
-        if image.shape[2] > 1
-        else torch.zeros_like(image)
-    )
-    cols = (
-        torch.cat(
-            (
-                image[..., 1:2] - image[..., 0:1],
-                (image[..., 2:] - image[..., :-2]) / 2,
-                image[..., -1:] - image[..., -2:-1],
-            ),
-            dim=3,
-        )
-        if image.shape[3] > 1
-        else torch.zeros_like(image)
-    )
-    return torch.cat((rows, cols), dim=1)
+    if min(image.shape[2:]) < 2:
+        return torch.zeros(image.shape[0], 2, *image.shape[2:], device=image.device, dtype=image.dtype)
+    return torch.cat(torch.gradient(image, dim=(2, 3)), dim=1)
 
 
 def _smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -99,9 +77,8 @@ def demons_field(
         if field is None:
             field = torch.zeros(f.shape[0], 2, *f.shape[2:], device=f.device, dtype=f.dtype)
         else:
-            field = F.interpolate(field, size=f.shape[2:], mode="bilinear", align_corners=True) * (
-                f.shape[2] / field.shape[2]
-            )
+            ratio = torch.tensor([f.shape[2] / field.shape[2], f.shape[3] / field.shape[3]]).to(field)
+            field = F.interpolate(field, size=f.shape[2:], mode="bilinear", align_corners=True) * ratio.view(1, 2, 1, 1)
         grad_fixed = _gradient(f)
         both = torch.cat((f, m), dim=1).flatten(1)
         span = (both.max(1).values - both.min(1).values).view(-1, 1, 1, 1)

@@ -23,7 +23,7 @@ from monai.inferers import sliding_window_inference
 from medmae.data.transforms import robust_zscore
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import cast_to_dtype
-from medmae.restore.net import RestorationNet, interpolate_masked
+from medmae.restore.net import RestorationNet, fill_masked
 
 MODALITIES = ("auto", "CT", "MR")
 
@@ -219,9 +219,11 @@ def inpaint_array(
     box = _bounding_box(mask, roi)
     prediction = imap.inverse(run_windows(net, imap.forward(array[box]), mask[box], roi, settings))
     excess = imap.excess(array[box])
-    if excess.any():  # beyond the window: linear interpolation across the mask, added to the model's fill
+    if excess.any():  # beyond the window: interpolated across the mask as the guide is, added to the model's fill
         masked = torch.from_numpy(mask[box])[None, None]
-        prediction += interpolate_masked(torch.from_numpy(excess)[None, None], masked)[0, 0].numpy()
+        scan = torch.from_numpy(np.nan_to_num(array[box].astype(np.float32)))[None, None]
+        excess_tensor = torch.from_numpy(excess)[None, None]
+        prediction += fill_masked(excess_tensor, masked, net.gap_interp, motion_from=scan)[0, 0].numpy()
     region = out[box]
     region[mask[box]] = cast_to_dtype(prediction[mask[box]], array.dtype)
     return out

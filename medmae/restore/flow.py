@@ -149,28 +149,21 @@ def interpolate_between(
 def _plane_gaps(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(axis, first, last)`` of each run of fully masked planes of a ``(D, H, W)`` mask with an intact-side
     plane on both sides (the axis with the most fully masked planes first; one axis per mask)."""
-    runs: list[tuple[int, int, int]] = []
-    best_axis, best_count = -1, 0
-    for axis in range(3):
-        others = tuple(d for d in range(3) if d != axis)
-        full = mask.all(dim=others[1]).all(dim=others[0]) if mask.numel() else mask.new_zeros(mask.shape[axis])
-        count = int(full.sum())
-        if count > best_count and count < mask.shape[axis]:
-            best_axis, best_count, best_full = axis, count, full
-    if best_axis < 0:
-        return runs
-    flags = best_full.tolist()
-    index = 0
-    while index < len(flags):
-        if flags[index]:
-            end = index
-            while end + 1 < len(flags) and flags[end + 1]:
-                end += 1
-            if index > 0 and end < len(flags) - 1:
-                runs.append((best_axis, index, end))
-            index = end + 1
-        else:
-            index += 1
+    full = [mask.movedim(axis, 0).flatten(1).all(1) for axis in range(3)]
+    counts = [int(planes.sum()) for planes in full]
+    axes = [axis for axis in range(3) if 0 < counts[axis] < mask.shape[axis]]
+    if not axes:
+        return []
+    axis = max(axes, key=lambda a: counts[a])
+    flags = full[axis].tolist()
+    runs, start = [], None
+    for index, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            if start > 0 and index < len(flags):  # a plane on both sides
+                runs.append((axis, start, index - 1))
+            start = None
     return runs
 
 

@@ -282,7 +282,7 @@ def test_evaluate_restore_scores_every_method(pretrain_ckpt: Path, tmp_path: Pat
     assert main([*argv, "--threads", "1", "-o", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "restore_eval.json").read_text())
     methods = {(r["task"], r["method"]): r["psnr"] for r in rows}
-    assert set(methods) == {("inpaint", m) for m in ("model", "linear", "cubic", "flow")} | {
+    assert set(methods) == {("inpaint", m) for m in ("model", "linear", "cubic", "flow", "fitted")} | {
         ("denoise", m) for m in ("noisy input", "model", "gaussian", "nl-means", "nl-means (medmae)")
     }
     assert methods[("denoise", "nl-means")] > methods[("denoise", "noisy input")]

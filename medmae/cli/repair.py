@@ -18,6 +18,7 @@ INPAINT_EXAMPLES = """examples:
   medmae inpaint scan.nii.gz -o repaired.nii.gz --ckpt restore.ckpt --slices 40-42,50 --axis z
   medmae inpaint scan.nrrd -o repaired.nrrd --ckpt restore.ckpt --mask damaged.nii.gz
   medmae inpaint dicom_folder/ -o repaired.nii.gz --ckpt restore.ckpt --detect
+  medmae inpaint ct.nrrd -o repaired.nrrd --interpolation fitted --slices 20-22   # no checkpoint
 
 Only the selected voxels change; every other voxel is bit-identical to the input. --axis auto (default)
 is the thickest axis (z when isotropic). Axes are the file's voxel index axes (i/j/k = x/y/z)."""
@@ -58,8 +59,22 @@ def _add_input_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output file (.nii.gz, .nrrd, .mha)")
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", type=Path, required=True, help="a medmae pretrain or finetune-restore checkpoint")
+def _add_model_options(parser: argparse.ArgumentParser, without_checkpoint: str | None = None) -> None:
+    """The options of a repair by a checkpoint; ``without_checkpoint``, the help of ``--interpolation``: the
+    repair may instead run without one (exactly one of the two is required)."""
+    from medmae.inference.repair import INTERPOLATIONS
+
+    source = parser.add_mutually_exclusive_group(required=True) if without_checkpoint else parser
+    source.add_argument(
+        "--ckpt",
+        type=Path,
+        required=not without_checkpoint,
+        help="a medmae pretrain or finetune-restore checkpoint",
+    )
+    if without_checkpoint:
+        source.add_argument("--interpolation", choices=INTERPOLATIONS, help=without_checkpoint)
+    else:
+        parser.set_defaults(interpolation=None)
     parser.add_argument(
         "--modality",
         choices=("auto", "CT", "MR"),
@@ -107,7 +122,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--mask", type=Path, help="a volume on the input's grid; nonzero voxels are repaired")
     where.add_argument("--detect", action="store_true", help="find corrupted slices automatically and repair them")
     inpaint.add_argument("--axis", default="auto", help="slice axis for --slices/--detect: x, y, z (i, j, k) or auto")
-    _add_model_options(inpaint)
+    _add_model_options(
+        inpaint,
+        without_checkpoint="repair without a checkpoint: linear, flow (along the scan's motion) or fitted (flow "
+        "corrected by a regression fitted to the scan's own intact slices; slice gaps)",
+    )
     inpaint.set_defaults(func=run_inpaint)
 
     denoise = subparsers.add_parser(
@@ -233,11 +252,32 @@ def run_inpaint(args: argparse.Namespace) -> int:
     volume = read_volume(args.input)
     require_signal(volume)
     mask = _repair_mask(args, volume)
+    if args.interpolation is not None:
+        return _interpolate(args, volume, mask)
     net, hparams = load_restoration_net(args.ckpt)
     modality = _modality(volume, args, hparams)
     repaired = inpaint_volume(net, hparams, volume, mask, modality, _settings(args))
     path = write_volume(repaired, args.output)
     print(f"repaired {int(mask.sum())} voxels; wrote {path}")
+    return 0
+
+
+def _interpolate(args: argparse.Namespace, volume, mask) -> int:
+    from medmae.inference.repair import interpolate_volume
+    from medmae.io import write_volume
+
+    repaired, fits = interpolate_volume(volume, mask, args.interpolation)
+    for fit in fits:
+        where = f"slices {fit.first}-{fit.last} (axis {'xyz'[fit.axis]})"
+        if all(strength is None for strength in fit.strengths):
+            print(f"{where}: flow fill kept ({fit.positions} example gaps; the fit did not predict them better)")
+        else:
+            gains = ", ".join(f"{gain:.2f}" for gain in fit.held_out_gain)
+            print(
+                f"{where}: fitted on {fit.positions} example gaps; held-out error of flow / fitted per slice: {gains}"
+            )
+    path = write_volume(repaired, args.output)
+    print(f"repaired {int(mask.sum())} voxels by {args.interpolation} interpolation; wrote {path}")
     return 0
 
 

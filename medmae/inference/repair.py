@@ -23,9 +23,11 @@ from monai.inferers import sliding_window_inference
 from medmae.data.transforms import robust_zscore
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import cast_to_dtype
+from medmae.restore.fitted import GapFit, fitted_fill_gaps
 from medmae.restore.net import RestorationNet, fill_masked
 
 MODALITIES = ("auto", "CT", "MR")
+INTERPOLATIONS = ("linear", "flow", "fitted")  # repair without a checkpoint: medmae inpaint --interpolation
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,29 @@ def inpaint_array(
     return out
 
 
+def interpolate_array(array: np.ndarray, mask: np.ndarray, method: str) -> tuple[np.ndarray, list[GapFit]]:
+    """A copy of ``array`` ``(I, J, K)`` (same dtype) with the ``mask`` voxels interpolated, others untouched.
+
+    ``method``: ``linear`` (between the nearest intact voxels along each axis), ``flow`` (slice gaps along the
+    scan's motion, :mod:`medmae.restore.flow`) or ``fitted`` (that, corrected by a regression fitted to the
+    scan's own intact slices, :mod:`medmae.restore.fitted`). Returns the copy and, for ``fitted``, how each
+    slice gap was filled.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {method!r}")
+    out = array.copy()
+    if not mask.any():
+        return out, []
+    fits: list[GapFit] = []
+    if method == "fitted":
+        filled, fits = fitted_fill_gaps(array, mask)
+    else:
+        scan = torch.from_numpy(np.nan_to_num(array.astype(np.float32)))[None, None]
+        filled = fill_masked(scan, torch.from_numpy(mask)[None, None], method)[0, 0].double().numpy()
+    out[mask] = cast_to_dtype(filled[mask], array.dtype)
+    return out, fits
+
+
 def denoise_array(
     net: RestorationNet, hparams: dict, array: np.ndarray, modality: str, settings: RepairSettings
 ) -> np.ndarray:
@@ -262,6 +287,14 @@ def resolve_modality(volume: Volume, modality: str) -> str:
     return guess_modality(volume.array) if modality == "auto" else modality
 
 
+def require_mask_shape(volume: Volume, mask: np.ndarray) -> None:
+    """Raise VolumeError, naming the scan, unless ``mask`` has the scan's spatial shape."""
+    if mask.shape != volume.spatial_shape:
+        raise VolumeError(
+            f"{volume.name}: the mask has shape {mask.shape}, the scan {volume.spatial_shape}; they must match"
+        )
+
+
 def inpaint_volume(
     net: RestorationNet,
     hparams: dict,
@@ -271,13 +304,18 @@ def inpaint_volume(
     settings: RepairSettings = RepairSettings(),
 ) -> Volume:
     """Repair every channel of ``volume`` inside ``mask`` ``(I, J, K)`` bool; a new Volume, same grid and dtype."""
-    if mask.shape != volume.spatial_shape:
-        raise VolumeError(
-            f"{volume.name}: the mask has shape {mask.shape}, the scan {volume.spatial_shape}; they must match"
-        )
+    require_mask_shape(volume, mask)
     modality = resolve_modality(volume, modality)
     channels = [inpaint_array(net, hparams, channel, mask, modality, settings) for channel in volume.array]
     return volume.with_array(np.stack(channels))
+
+
+def interpolate_volume(volume: Volume, mask: np.ndarray, method: str) -> tuple[Volume, list[GapFit]]:
+    """Interpolate every channel of ``volume`` inside ``mask`` (:func:`interpolate_array`); a new Volume, same grid
+    and dtype, and how the first channel's slice gaps were filled."""
+    require_mask_shape(volume, mask)
+    results = [interpolate_array(channel, mask, method) for channel in volume.array]
+    return volume.with_array(np.stack([array for array, _ in results])), results[0][1]
 
 
 def denoise_volume(

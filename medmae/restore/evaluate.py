@@ -2,7 +2,9 @@
 
 Inpainting: gaps of 1, 3 and 5 adjacent slices along the slice axis (the thickest axis; ``z`` when
 isotropic), scored inside the gap against linear and cubic interpolation along that axis and motion-compensated
-interpolation (``flow``, :mod:`medmae.restore.flow`, what ``gap_interp: flow`` models refine). Denoising:
+interpolation (``flow``, :mod:`medmae.restore.flow`, what ``gap_interp: flow`` models refine) and that
+interpolation corrected by a regression fitted to the scan's own intact slices (``fitted``,
+:mod:`medmae.restore.fitted`). Denoising:
 Rician (MR) or Gaussian HU (CT) noise, scored over the foreground against Gaussian smoothing and
 non-local means (scikit-image's, and medmae's own that ``nlm_input`` denoisers use) with oracle-tuned
 parameters. See :mod:`medmae.evaluation.restore_metrics`.
@@ -31,6 +33,7 @@ from medmae.evaluation.restore_baselines import (
 from medmae.evaluation.restore_metrics import foreground_mask, psnr_in_mask, restore_scores
 from medmae.inference.repair import RepairSettings, denoise_array, inpaint_array, unseen_modality_note
 from medmae.restore.corrupt import corrupt_slices, gap_indices, noise_sigma, noisy_volume
+from medmae.restore.fitted import fitted_fill_gaps
 from medmae.restore.net import RestorationNet
 from medmae.restore.slices import parse_axis, slice_mask
 
@@ -126,6 +129,7 @@ def inpainting_rows(
                 "linear": interpolate_slices(corrupted, axis, gap, "linear"),
                 "cubic": interpolate_slices(corrupted, axis, gap, "cubic"),
                 "flow": flow_interpolation(corrupted, mask),
+                "fitted": fitted_fill_gaps(corrupted, mask)[0],
             }
             for method, result in results.items():
                 score = restore_scores(result, scan.array, mask)

@@ -146,7 +146,7 @@ def interpolate_between(
     return torch.stack(planes, dim=1).to(before.dtype if values is None else values[0].dtype)
 
 
-def _plane_gaps(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+def plane_gaps(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(axis, first, last)`` of each run of fully masked planes of a ``(D, H, W)`` mask with an intact-side
     plane on both sides (the axis with the most fully masked planes first; one axis per mask)."""
     full = [mask.movedim(axis, 0).flatten(1).all(1) for axis in range(3)]
@@ -203,7 +203,7 @@ def _flow_fill_gaps(filled: torch.Tensor, mask: torch.Tensor, motion_from: torch
     out = filled.clone()
     jobs: dict[tuple[int, ...], list[tuple[int, int, int, int]]] = {}
     for sample in range(filled.shape[0]):
-        for axis, first, last in _plane_gaps(mask[sample].any(0)):
+        for axis, first, last in plane_gaps(mask[sample].any(0)):
             plane_shape = tuple(s for d, s in enumerate(out.shape[2:]) if d != axis)
             jobs.setdefault(plane_shape, []).append((sample, axis, first, last))
     for group in jobs.values():  # gaps whose planes have one shape: one registration call

@@ -300,6 +300,7 @@ def test_repair_demo_step(pretrain_ckpt: Path, tmp_path: Path) -> None:
     linear = interpolate_slices(truth, 2, result["slices"], "linear")
     mask = slice_mask(truth.shape, 2, result["slices"])
     assert result["psnr_linear"] == pytest.approx(psnr_in_mask(linear, truth, mask))
+    assert result["psnr_fitted"] > result["psnr_linear"]
 
 
 def test_mirroring_averages_the_eight_flipped_predictions(pretrain_ckpt: Path) -> None:

@@ -66,11 +66,11 @@ def _plain_loo_ridge(groups: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float
     stacked = np.concatenate([a for a, _ in groups])
     scale = 1.0 / np.sqrt((stacked**2).sum(0))
     features = stacked.shape[1]
+    mean_diagonal = float(((stacked * scale) ** 2).sum()) / features  # of the scaled Gram matrix
 
     def solve(pairs: list[tuple[np.ndarray, np.ndarray]], strength: float) -> np.ndarray:
         a = np.concatenate([x for x, _ in pairs]) * scale
         r = np.concatenate([y for _, y in pairs])
-        mean_diagonal = float((np.concatenate([x for x, _ in groups]) * scale).__pow__(2).sum()) / features
         augmented = np.vstack((a, np.sqrt(strength * mean_diagonal) * np.eye(features)))
         return np.linalg.lstsq(augmented, np.concatenate((r, np.zeros(features))), rcond=None)[0]
 

@@ -90,8 +90,8 @@ def loo_ridge(grams: np.ndarray, moments: np.ndarray, energies: np.ndarray) -> R
     statistics.
 
     For groups ``i`` with features ``A_i`` and targets ``r_i``: ``grams[i] = A_iᵀA_i`` ``(G, F, F)``,
-    ``moments[i] = A_iᵀr_i`` ``(G, F)``, ``energies[i] = r_iᵀr_i`` ``(G,)``. Features are scaled to unit mean
-    square; each strength in ``RIDGE_STRENGTHS`` is relative to the mean diagonal of the scaled Gram matrix.
+    ``moments[i] = A_iᵀr_i`` ``(G, F)``, ``energies[i] = r_iᵀr_i`` ``(G,)``. Features are scaled to unit norm
+    over all groups; each strength in ``RIDGE_STRENGTHS`` is relative to the mean diagonal of the scaled Gram matrix.
     The weights with no regression (all zero) are the reference: a strength is chosen only if its held-out
     error is lower.
     """

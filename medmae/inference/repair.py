@@ -8,7 +8,9 @@ mapped back to the input's intensity scale. Inpainting then writes *only* the ma
 of the original array, cast to the input's dtype (rounded and clipped for integers), so every other voxel
 is bit-identical. The model works inside the normalisation window (CT: default -1000..1000 HU; MR: the
 0.5-99.5th percentiles); what lies beyond it (bone above +1000 HU, the brightest MR voxels) is carried
-around the model: interpolated across the mask (inpainting) or passed through (denoising).
+around the model: interpolated across the mask (inpainting) or passed through (denoising). Without a checkpoint,
+:func:`interpolate_volume` fills the mask by interpolation alone (``linear``, ``flow`` or ``fitted``), with the
+same guarantees.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from scipy.interpolate import interp1d, make_interp_spline
 from scipy.ndimage import gaussian_filter
 from skimage.restoration import denoise_nl_means
 
-from medmae.restore.net import fill_masked
+from medmae.restore.net import fill_scan
 from medmae.restore.nonlocal_means import nonlocal_means
 
 
@@ -40,9 +40,7 @@ def interpolate_slices(array: np.ndarray, axis: int, missing: Sequence[int], kin
 def flow_interpolation(corrupted: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Motion-compensated interpolation (:func:`~medmae.restore.net.fill_masked` ``flow``) of the masked slices of
     ``(I, J, K)`` ``corrupted``, on its own intensities; float64."""
-    volume = torch.from_numpy(corrupted.astype(np.float32))[None, None]
-    filled = fill_masked(volume, torch.from_numpy(mask)[None, None], "flow")
-    return filled[0, 0].double().numpy()
+    return fill_scan(corrupted, mask, "flow").double().numpy()
 
 
 def best_of(

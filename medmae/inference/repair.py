@@ -26,7 +26,7 @@ from medmae.data.transforms import robust_zscore
 from medmae.io.volume import Volume, VolumeError
 from medmae.io.writers import cast_to_dtype
 from medmae.restore.fitted import GapFit, fitted_fill_gaps
-from medmae.restore.net import RestorationNet, fill_masked
+from medmae.restore.net import RestorationNet, fill_masked, fill_scan
 
 MODALITIES = ("auto", "CT", "MR")
 INTERPOLATIONS = ("linear", "flow", "fitted")  # repair without a checkpoint: medmae inpaint --interpolation
@@ -250,8 +250,7 @@ def interpolate_array(array: np.ndarray, mask: np.ndarray, method: str) -> tuple
     if method == "fitted":
         filled, fits = fitted_fill_gaps(array, mask)
     else:
-        scan = torch.from_numpy(np.nan_to_num(array.astype(np.float32)))[None, None]
-        filled = fill_masked(scan, torch.from_numpy(mask)[None, None], method)[0, 0].double().numpy()
+        filled = fill_scan(array, mask, method).double().numpy()
     out[mask] = cast_to_dtype(filled[mask], array.dtype)
     return out, fits
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from medmae.restore.flow import interpolate_between, plane_gaps
-from medmae.restore.net import fill_masked
+from medmae.restore.net import fill_scan
 
 MAX_POSITIONS = 24  # example gaps per real gap: enough for a stable fit of the features below
 RIDGE_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean diagonal of the normalised Gram matrix
@@ -155,7 +155,7 @@ def _fit_gap(
 
 def fitted_fill_gaps(array: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[GapFit]]:
     """Fill the masked voxels of ``array`` ``(I, J, K)``: slice gaps by scan-fitted interpolation, the rest as
-    ``fill_masked(..., "flow")`` fills them (linear interpolation between the nearest intact voxels).
+    ``fill_scan(..., "flow")`` fills them (linear interpolation between the nearest intact voxels).
 
     Args:
         array: the scan, any real dtype; ``mask``: ``(I, J, K)`` bool, True = fill.
@@ -165,15 +165,13 @@ def fitted_fill_gaps(array: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, l
     """
     if array.shape != mask.shape or array.ndim != 3:
         raise ValueError(f"expected an (I, J, K) scan and a mask of its shape, got {array.shape} and {mask.shape}")
-    scan = torch.from_numpy(np.nan_to_num(np.asarray(array, dtype=np.float32)))[None, None]
-    voxel_mask = torch.from_numpy(np.asarray(mask, dtype=bool))[None, None]
-    with torch.no_grad():
-        base = fill_masked(scan, voxel_mask, "flow")[0, 0]  # (I, J, K)
+    base = fill_scan(array, mask, "flow")  # (I, J, K)
+    voxel_mask = torch.from_numpy(np.asarray(mask, dtype=bool))
     out = base.double().clone()
     fits = []
-    for axis, first, last in plane_gaps(voxel_mask[0, 0]):
+    for axis, first, last in plane_gaps(voxel_mask):
         planes = base.movedim(axis, 0).contiguous()  # (D, P, Q)
-        masked_planes = voxel_mask[0, 0].movedim(axis, 0).flatten(1).any(1).numpy()
+        masked_planes = voxel_mask.movedim(axis, 0).flatten(1).any(1).numpy()
         ridge, positions = _fit_gap(planes, masked_planes, first, last)
         with torch.no_grad():
             values = gap_features(planes, [first], last - first + 1)[0]  # (width, F, P, Q)

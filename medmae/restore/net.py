@@ -17,6 +17,7 @@ both with their residuals summed (:class:`DualRefiner`, which can start from a t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -266,6 +267,15 @@ def fill_masked(
         return filled
     source = None if motion_from is None else interpolate_masked(motion_from, mask)
     return flow_fill_gaps(filled, mask, source)
+
+
+def fill_scan(array: np.ndarray, mask: np.ndarray, gap_interp: str = "linear") -> torch.Tensor:
+    """:func:`fill_masked` of one ``(I, J, K)`` scan (any real dtype; NaN/Inf read as 0) and its bool ``mask``;
+    returns the filled ``(I, J, K)`` float32 tensor."""
+    scan = torch.from_numpy(np.nan_to_num(np.asarray(array, dtype=np.float32)))[None, None]
+    voxel_mask = torch.from_numpy(np.asarray(mask, dtype=bool))[None, None]
+    with torch.no_grad():
+        return fill_masked(scan, voxel_mask, gap_interp)[0, 0]
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
